@@ -1,0 +1,24 @@
+# The README's two commands: `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: requirements-dev.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) examples/basic.py
+	$(PY) examples/shapes.py
+	$(PY) examples/transformer_block.py
+	$(PY) examples/no_affine.py
+	$(PY) -m fusednorm bench --quick
+
+test: install
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+.PHONY: install run test

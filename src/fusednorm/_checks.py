@@ -1,0 +1,107 @@
+"""Argument checks that fail exactly as the installed torch does.
+
+The fast path only decides *whether* the arguments are valid. When they are not, the same call
+is replayed on PyTorch's own op with zero-memory stand-ins (a scalar expanded to the real shape,
+same dtype and device), so the exception type and message are those of the installed torch on
+that device, whatever its version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def stand_in(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A tensor with ``t``'s shape, dtype and device that owns one element of memory."""
+    if t is None or not isinstance(t, torch.Tensor):
+        return t
+    return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
+def raise_like_torch(torch_call: Callable[[], object], what: str) -> None:
+    """Run ``torch_call`` (torch's op on stand-ins) so that it raises torch's own error."""
+    with torch.no_grad():
+        torch_call()
+    # torch accepted what our checks refuse: never compute silently on input we do not support.
+    raise RuntimeError(f"fusednorm: unsupported arguments for {what}")
+
+
+def params_ok(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Dtype and device rules shared by every norm: float input; parameters of the input's dtype,
+    or float32 with a float16/bfloat16 input; all parameters of one dtype, on x's device."""
+    if x.dtype not in FLOAT_DTYPES:
+        return False
+    present = [p for p in params if p is not None]
+    if not present:
+        return True
+    dtype = present[0].dtype
+    if dtype != x.dtype and not (dtype == torch.float32 and x.dtype in HALF_DTYPES):
+        return False
+    return all(p.dtype == dtype and p.device == x.device for p in present)
+
+
+def normalized_shape_ok(x: torch.Tensor, normalized_shape: Sequence[int]) -> bool:
+    if not isinstance(normalized_shape, (tuple, list, torch.Size)):
+        return False
+    k = len(normalized_shape)
+    return 0 < k <= x.dim() and tuple(x.shape[x.dim() - k :]) == tuple(normalized_shape)
+
+
+def param_shape_ok(p: torch.Tensor | None, normalized_shape: Sequence[int]) -> bool:
+    return p is None or tuple(p.shape) == tuple(normalized_shape)
+
+
+def as_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """View ``x`` as (M, n) rows without copying when its inner dims collapse to unit stride.
+
+    Rows may be strided (row stride != n) and are read in place by the kernels; any other
+    layout (channels-last with normalized dims that are not innermost, transposes) is copied
+    once.
+    """
+    m = x.numel() // n if n else 0
+    if x.dim() == 0:
+        return x.reshape(1, 1)
+    try:
+        rows = x.view(m, n) if x.is_contiguous() else _strided_rows(x, m, n)
+    except RuntimeError:
+        rows = None
+    if rows is None:
+        rows = x.contiguous().view(m, n)
+    return rows
+
+
+def _strided_rows(x: torch.Tensor, m: int, n: int) -> torch.Tensor | None:
+    """Collapse x into an (m, n) view with unit inner stride and one uniform row stride."""
+    if n > 1 and x.stride(-1) != 1:
+        return None
+    # the normalized dims must be contiguous among themselves ...
+    inner, expected = 0, 1
+    for size, stride in zip(reversed(x.shape), reversed(x.stride())):
+        if expected == n:
+            break
+        if size != 1 and stride != expected:
+            return None
+        expected *= size
+        inner += 1
+    # ... and the leading dims must collapse into one dimension of rows.
+    outer_shape, outer_strides = x.shape[: x.dim() - inner], x.stride()[: x.dim() - inner]
+    row_stride = None
+    expected_stride = None
+    for size, stride in zip(reversed(outer_shape), reversed(outer_strides)):
+        if size == 1:
+            continue
+        if row_stride is None:
+            row_stride, expected_stride = stride, stride * size
+        elif stride != expected_stride:
+            return None
+        else:
+            expected_stride = stride * size
+    if row_stride is None:
+        row_stride = n
+    # Overlapping rows (an expanded batch, row stride 0) are fine: kernels only read x.
+    return x.as_strided((m, n), (row_stride, 1))
