@@ -1,5 +1,14 @@
 """fusednorm: normalization layers for PyTorch with their own CPU and Triton kernels."""
 
 from fusednorm._backend import current_backend, use_backend
+from fusednorm.row_norm import layer_norm, rms_norm
+from fusednorm.modules import LayerNorm, RMSNorm
 
-__all__ = ["current_backend", "use_backend"]
+__all__ = [
+    "LayerNorm",
+    "RMSNorm",
+    "current_backend",
+    "layer_norm",
+    "rms_norm",
+    "use_backend",
+]

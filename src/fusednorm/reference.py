@@ -29,9 +29,14 @@ def layer_norm_ref(x, normalized_shape, weight=None, bias=None, eps=1e-5, zero_c
     return y
 
 
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """torch.nn.functional.rms_norm's eps=None: the epsilon of the computation type."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
 def rms_norm_ref(x, normalized_shape, weight=None, eps=None, zero_centered=False):
     if eps is None:
-        eps = torch.finfo(x.dtype).eps  # what torch.nn.functional.rms_norm uses for eps=None
+        eps = default_rms_eps(x.dtype)
     x = x.double()
     dims = _dims(x, normalized_shape)
     y = x / torch.sqrt((x * x).mean(dims, keepdim=True) + eps)
