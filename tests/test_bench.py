@@ -1,0 +1,89 @@
+"""The benchmark CLI, run in-process on tiny shapes: files written, wrong providers caught.
+
+Tiny shapes only: this checks the plumbing (check → timing → table → CSV/JSON/PNG), not speed.
+"""
+
+import csv
+import json
+
+import torch
+
+from fusednorm.__main__ import main as fusednorm_main
+from fusednorm.bench import __main__ as cli
+from fusednorm.bench import providers
+from fusednorm.bench.cases import bytes_moved
+
+
+def _wrong_output(op, device):
+    """torch's answer shifted by 0.1: the forward check must reject it."""
+    f = providers.torch_eager(op, device)
+    return lambda x, w, b, r: tuple(t + 0.1 for t in f(x, w, b, r))
+
+
+def _wrong_gradient(op, device):
+    """torch's forward, but twice the gradient: only the backward modes are invalid."""
+    f = providers.torch_eager(op, device)
+
+    def g(x, w, b, r):
+        y, *rest = f(x, w, b, r)
+        if y.requires_grad:
+            y.register_hook(lambda grad: 2 * grad)
+        return (y, *rest)
+    return g
+
+
+def _raises(op, device):
+    def g(*args):
+        raise RuntimeError("no C++ compiler")
+    return g
+
+
+def test_cli_writes_results_and_marks_wrong_providers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(providers.PROVIDERS, "wrong", _wrong_output)
+    monkeypatch.setitem(providers.PROVIDERS, "wronggrad", _wrong_gradient)
+    monkeypatch.setitem(providers.PROVIDERS, "broken", _raises)
+    monkeypatch.setitem(cli.TIMING, "quick", {"min_sample_s": 1e-4, "budget_s": 0, "rounds": (2, 2)})
+    rc = cli.main(["bench", "--quick", "--device", "cpu", "--ops", "layer_norm,add_layer_norm",
+                   "--dtypes", "bfloat16", "--modes", "fwd,bwd,fwdbwd",
+                   "--shapes", "64x256,1x64", "--out", str(tmp_path),
+                   "--providers", "fusednorm,torch,wrong,wronggrad,broken"])
+    out, err = capsys.readouterr()
+
+    rows = list(csv.DictReader((tmp_path / "results.csv").read_text().splitlines()))
+    status = {(r["op"], r["dtype"], r["shape"], r["mode"], r["provider"]): r for r in rows}
+    for op in ("layer_norm", "add_layer_norm"):
+        for mode in ("fwd", "bwd", "fwdbwd"):
+            key = (op, "bfloat16", "64x256", mode)
+            assert status[(*key, "torch")]["status"] == "ok"
+            assert float(status[(*key, "torch")]["gbps"]) > 0
+            assert status[(*key, "copy")]["status"] == "ok"
+            assert status[(*key, "wrong")]["status"] == "invalid"
+            assert status[(*key, "wrong")]["time_us"] == ""  # no speed for a wrong answer
+            assert status[(*key, "wronggrad")]["status"] == ("ok" if mode == "fwd" else "invalid")
+            assert status[(*key, "broken")]["status"] == "error"
+    assert status[("layer_norm", "bfloat16", "1x64", "fwd", "torch")]["tag"] == "tiny"
+    assert "wrong GIVES WRONG RESULTS" in err and "max|y - ref|" in err
+    assert "INVALID" in out and "per-call overhead" in out
+
+    ours_bad = any(r["provider"] == "fusednorm" and r["status"] != "ok" for r in rows)
+    assert rc == (1 if ours_bad else 0)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    meta = saved["meta"]
+    torch_row = next(r for r in saved["results"] if r["provider"] == "torch")
+    assert torch_row["vs"]["copy"] > 0 and "wrong" not in torch_row["vs"]
+    assert meta["device"] and meta["torch"] == torch.__version__ and "--quick" in meta["command"]
+    for mode in ("fwd", "bwd", "fwdbwd"):
+        assert (tmp_path / f"add_layer_norm_{mode}_bfloat16.png").stat().st_size > 0
+
+
+def test_python_m_fusednorm_needs_the_bench_subcommand(capsys):
+    assert fusednorm_main(["nope"]) == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_bytes_moved():
+    # forward: read x, write y (M·N·4 each) and read weight, bias (N·4 each)
+    assert bytes_moved("layer_norm", "fwd", (8, 16), torch.float32) == 2 * 8 * 16 * 4 + 2 * 16 * 4
+    # add + rms norm forward and backward: 4 + 4 tensors; weight read twice, dweight written
+    assert bytes_moved("add_rms_norm", "fwdbwd", (8, 16), torch.bfloat16) == (
+        8 * 8 * 16 * 2 + 3 * 16 * 2)
