@@ -13,11 +13,13 @@ import functools
 import importlib
 from collections.abc import Sequence
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fusednorm._autocast import autocast_cast
 from fusednorm._backend import resolve
 from fusednorm._checks import (
     FLOAT_DTYPES,
@@ -150,6 +152,24 @@ def _composite(h, weight, bias, eps, is_rms, zero_centered, out_dtype, xhat_dtyp
 # Autograd: our own backward kernels; the composite only when a graph of the backward is asked.
 
 
+class _Saved(NamedTuple):
+    """What backward needs besides tensors."""
+
+    eps: float
+    is_rms: bool
+    zero_centered: bool
+    dropout_p: float
+    seed: int | Tensor
+    x_dtype: torch.dtype
+    out_dtype: torch.dtype
+    residual_dtype: torch.dtype | None
+    xhat_dtype: torch.dtype | None
+    memory_efficient: bool
+    backend: str
+    has_residual: bool
+    has_h: bool
+
+
 class _RowNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, is_rms, zero_centered, dropout_p, seed,
@@ -162,8 +182,9 @@ class _RowNorm(torch.autograd.Function):
         # (M, N) the tensor backward reads: the output in memory-saving mode, else the norm's input.
         saved = y if memory_efficient else (h if has_h else x)
         ctx.save_for_backward(saved, weight, bias, mean, rstd)
-        ctx.config = (eps, is_rms, zero_centered, dropout_p, seed, x.dtype, residual_dtype,
-                      xhat_dtype, memory_efficient, backend, residual is not None, has_h)
+        ctx.config = _Saved(eps, is_rms, zero_centered, dropout_p, seed, x.dtype, out_dtype,
+                            residual_dtype, xhat_dtype, memory_efficient, backend,
+                            residual is not None, has_h)
         ctx.set_materialize_grads(False)
         if not has_h:
             ctx.mark_non_differentiable(h)
@@ -172,34 +193,31 @@ class _RowNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dh_out):
         saved, weight, bias, mean, rstd = ctx.saved_tensors
-        (eps, is_rms, zero_centered, dropout_p, seed, x_dtype, residual_dtype, xhat_dtype,
-         memory_efficient, backend, has_residual, has_h) = ctx.config
+        c = ctx.config
         if dy is None:
-            dy = torch.zeros_like(saved, dtype=saved.dtype if memory_efficient else x_dtype)
+            dy = torch.zeros_like(saved, dtype=c.out_dtype)
         if torch.is_grad_enabled():
-            return _double_backward_ready(ctx, saved, weight, bias, dy, dh_out)
+            return _double_backward_ready(c, saved, weight, bias, dy)
         dy = dy.contiguous()
-        if not has_h:  # h was the empty placeholder (compiled graphs still pass it a grad)
+        if not c.has_h:  # h was the empty placeholder (compiled graphs still pass it a grad)
             dh_out = None
         if dh_out is not None:
             dh_out = dh_out.contiguous()
         need_w = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         dx, dres, dw, db = dispatch(
-            _bwd_op, _bwd_impl, dy, saved, weight, bias, mean, rstd, dh_out, eps, is_rms,
-            zero_centered, dropout_p, seed, has_residual, x_dtype, residual_dtype, need_w,
-            memory_efficient, backend,
+            _bwd_op, _bwd_impl, dy, saved, weight, bias, mean, rstd, dh_out, c.eps, c.is_rms,
+            c.zero_centered, c.dropout_p, c.seed, c.has_residual, c.x_dtype, c.residual_dtype,
+            need_w, c.memory_efficient, c.backend,
         )
-        return (dx, dres if has_residual else None,
+        return (dx, dres if c.has_residual else None,
                 dw if weight is not None and need_w else None,
                 db if bias is not None and need_w else None) + (None,) * 10
 
 
-def _double_backward_ready(ctx, x, weight, bias, dy, dh_out):
+def _double_backward_ready(c, x, weight, bias, dy):
     """First-order gradients built from differentiable ops, so that they can be differentiated
     again. Only the plain norm needs it (torch's own fused ops do not support it either)."""
-    (eps, is_rms, zero_centered, dropout_p, seed, x_dtype, residual_dtype, xhat_dtype,
-     memory_efficient, backend, has_residual, has_h) = ctx.config
-    if has_h or memory_efficient:
+    if c.has_h or c.memory_efficient:
         raise RuntimeError(
             "fusednorm: double backward (create_graph=True) is supported for the plain norm, "
             "not with residual, dropout or memory_efficient=True"
@@ -211,7 +229,7 @@ def _double_backward_ready(ctx, x, weight, bias, dy, dh_out):
         xg = next(it)
         wg = next(it) if weight is not None else None
         bg = next(it) if bias is not None else None
-        y = _composite(xg, wg, bg, eps, is_rms, zero_centered, dy.dtype, xhat_dtype)
+        y = _composite(xg, wg, bg, c.eps, c.is_rms, c.zero_centered, dy.dtype, c.xhat_dtype)
         grads = torch.autograd.grad(y, detached, dy, create_graph=True, allow_unused=True)
     it = iter(grads)
     dx = next(it)
@@ -227,6 +245,7 @@ def _double_backward_ready(ctx, x, weight, bias, dy, dh_out):
 def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
               out_dtype, zero_centered, xhat_dtype, memory_efficient, is_rms, torch_call):
     """Shared body of layer_norm and rms_norm; torch_call replays the plain call on torch."""
+    x, weight, bias = autocast_cast("rms_norm" if is_rms else "layer_norm", x, weight, bias)
     if not (normalized_shape_ok(x, normalized_shape) and params_ok(x, weight, bias)
             and param_shape_ok(weight, normalized_shape)
             and param_shape_ok(bias, normalized_shape)):

@@ -1,0 +1,52 @@
+"""What torch's dispatcher does to its own norm ops, done for fusednorm's: autocast, DTensor.
+
+Autocast and DTensor act on aten ops; fusednorm's kernels are not aten ops, so the public
+functions apply torch's autocast policy themselves, and refuse DTensors (which would reach the
+kernels as if they were the whole tensor).
+
+torch 2.13's autocast policy for layer_norm, rms_norm and group_norm, read from the dispatcher's
+registrations (``torch._C._dispatch_dump("aten::layer_norm")``) and checked by the tests:
+
+- CUDA: all three are on the float32 list: floating-point arguments other than float64 are cast
+  to float32, so the output is float32.
+- CPU: no autocast kernel is registered for them: they run in their arguments' dtypes (bfloat16
+  in, bfloat16 out; float32 stays float32). Nothing to do.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from fusednorm._backend import resolve
+
+_FLOAT32_OPS = {"cuda": frozenset({"layer_norm", "rms_norm", "group_norm"})}
+
+
+def autocast_cast(op_name: str, *tensors: torch.Tensor | None) -> tuple:
+    """``tensors`` (None allowed; the input first) as torch's autocast passes them to
+    ``aten::<op_name>`` on the input's device. Raises for DTensors unless torch's own op runs."""
+    x = tensors[0]
+    if not isinstance(x, torch.Tensor):
+        return tensors
+    _refuse_dtensor(x, tensors)
+    device = x.device.type
+    if op_name not in _FLOAT32_OPS.get(device, ()) or not torch.is_autocast_enabled(device):
+        return tensors
+    return tuple(t.to(torch.float32) if t is not None and t.device.type == device
+                 and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
+
+
+def _refuse_dtensor(x: torch.Tensor, tensors: tuple) -> None:
+    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before its import
+    if dtensor is None or not any(isinstance(t, dtensor.DTensor) for t in tensors):
+        return
+    if resolve(x) != "torch":
+        raise TypeError(
+            "fusednorm's kernels take plain tensors, not DTensor. For sequence parallelism, "
+            "call the norm on the local shard (x.to_local(), with plain replicated weights) "
+            "and all-reduce its weight gradients over the sequence-parallel group (see "
+            "'Sequence parallelism' in docs/DESIGN.md); or run torch's op on the DTensor "
+            "with fusednorm.use_backend('torch')."
+        )
