@@ -18,8 +18,8 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 NS = [1, 7, 768, 1000, 4096, 65536, 300000]
 MS = [1, 37, 2048]
 # every (M, N) of the grid that stays under 4M elements (the float64 reference and
-# torch's own run are part of each case), plus the largest rows alone
-GRID = [(m, n) for m in MS for n in NS if m * n <= 1 << 22] + [(37, 65536), (1, 300000)]
+# torch's own run are part of each case)
+GRID = [(m, n) for m in MS for n in NS if m * n <= 1 << 22]
 
 
 def run_all(x, normalized_shape, weight, bias, eps=1e-5, backend="cpu", dy=None, **kw):
