@@ -62,10 +62,29 @@ def as_flat_array(t: torch.Tensor) -> tuple[np.ndarray, int]:
     return _numpy_view(flat.view(torch.int16)).view(np.uint16), kind
 
 
+class _ArrayInterface:
+    __slots__ = ("__array_interface__",)
+
+    def __init__(self, interface: dict) -> None:
+        self.__array_interface__ = interface
+
+
+_TYPESTR = {torch.float32: "<f4", torch.float64: "<f8", torch.int16: "<i2"}
+
+
 def _numpy_view(t: torch.Tensor) -> np.ndarray:
-    # Through DLPack, not Tensor.numpy(): numpy() marks the storage as never resizable again,
-    # which breaks FSDP2 (it frees gathered parameters with storage.resize_(0)).
-    return np.from_dlpack(t)
+    # Through the array interface, not Tensor.numpy(): numpy() marks the storage as never
+    # resizable again, which breaks FSDP2 (it frees gathered parameters with
+    # storage.resize_(0)); DLPack costs 2 us a tensor, this under 1 us. The view does not keep
+    # t alive: callers use it only while they hold t.
+    item = t.element_size()
+    return np.asarray(_ArrayInterface({
+        "data": (t.data_ptr(), False),
+        "shape": tuple(t.shape),
+        "strides": tuple(s * item for s in t.stride()),
+        "typestr": _TYPESTR[t.dtype],
+        "version": 3,
+    }))
 
 
 # --- scalar conversions (bit-exact with torch's casts) -------------------------------------------
