@@ -10,9 +10,8 @@ import os
 if os.environ.get("FUSEDNORM_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
+import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from helpers import BACKENDS, assert_close_to_ref, device_for, randn
 
 import fusednorm
-from fusednorm.reference import add_norm_ref, layer_norm_ref, rms_norm_ref
 from fusednorm import row_norm
+from fusednorm.reference import add_norm_ref, layer_norm_ref, rms_norm_ref
 from fusednorm.row_norm import draw_seed
 
 NORMS = {"layer": (fusednorm.layer_norm, layer_norm_ref), "rms": (fusednorm.rms_norm, rms_norm_ref)}
@@ -61,14 +61,14 @@ def test_add_dropout_norm_all_gradients(backend, norm, dtype, p, residual_in_fp3
         if who == "ours":
             torch.manual_seed(3)
             with fusednorm.use_backend(backend):
-                kw = dict(residual=rl, dropout_p=p, residual_in_fp32=residual_in_fp32)
+                kw = {"residual": rl, "dropout_p": p, "residual_in_fp32": residual_in_fp32}
                 y, h = (fused(xl, (n,), wl, bl, eps, **kw) if norm == "layer"
                         else fused(xl, (n,), wl, eps, **kw))
             assert h.dtype == residual_dtype and y.dtype == dtype
         elif who == "torch":
             y, h = unfused_torch(xl, rl, wl, bl, mask, p, norm, residual_dtype)
         else:
-            kwargs = dict(normalized_shape=(n,), weight=wl, eps=eps)
+            kwargs = {"normalized_shape": (n,), "weight": wl, "eps": eps}
             if norm == "layer":
                 kwargs["bias"] = bl
             y, h = add_norm_ref(xl, rl, mask, p, ref, **kwargs)
@@ -157,8 +157,9 @@ def test_memory_efficient_saves_memory_in_a_block():
     w = torch.randn(256, requires_grad=True)
     sizes = []
     for memory_efficient in (False, True):
-        def block():
-            y, h = fusednorm.layer_norm(x, (256,), w, residual=r, memory_efficient=memory_efficient)
+        def block(memory_efficient=memory_efficient):
+            y, _h = fusednorm.layer_norm(x, (256,), w, residual=r,
+                                         memory_efficient=memory_efficient)
             return lin(y)
         sizes.append(saved_bytes(block)[0])
     assert sizes[0] - sizes[1] >= 64 * 256 * 4

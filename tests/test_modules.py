@@ -14,10 +14,10 @@ IDS = ["LayerNorm", "RMSNorm"]
 
 
 def constructions(theirs):
-    kwargs = [dict(), dict(eps=1e-3), dict(elementwise_affine=False),
-              dict(dtype=torch.float64)]
+    kwargs = [{}, {"eps": 1e-3}, {"elementwise_affine": False},
+              {"dtype": torch.float64}]
     if theirs is torch.nn.LayerNorm:
-        kwargs.append(dict(bias=False))
+        kwargs.append({"bias": False})
     return [(shape, kw) for shape in (8, [2, 4], (2, 4), torch.Size([3])) for kw in kwargs]
 
 

@@ -2,9 +2,9 @@
 against torch and the float64 reference (values and gradients)."""
 
 import torch
+from helpers import assert_close_to_ref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from helpers import assert_close_to_ref
 
 import fusednorm
 from fusednorm.reference import layer_norm_ref, rms_norm_ref
@@ -21,10 +21,10 @@ def cases(draw):
     dtype = draw(st.sampled_from(DTYPES))
     # a layout: contiguous, a permutation of the leading dims, or a slice of a wider tensor
     layout = draw(st.sampled_from(["contiguous", "permuted", "sliced", "stepped"]))
-    return dict(shape=shape, k=k, dtype=dtype, layout=layout,
-                norm=draw(st.sampled_from(["layer", "rms"])),
-                weight=draw(st.booleans()), bias=draw(st.booleans()),
-                seed=draw(st.integers(0, 2**16)))
+    return {"shape": shape, "k": k, "dtype": dtype, "layout": layout,
+                "norm": draw(st.sampled_from(["layer", "rms"])),
+                "weight": draw(st.booleans()), "bias": draw(st.booleans()),
+                "seed": draw(st.integers(0, 2**16))}
 
 
 def make_input(shape, dtype, layout, gen):

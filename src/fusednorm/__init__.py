@@ -1,14 +1,33 @@
 """fusednorm: normalization layers for PyTorch with their own CPU and Triton kernels."""
 
 from fusednorm._backend import current_backend, use_backend
-from fusednorm.row_norm import layer_norm, rms_norm
+from fusednorm.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
+from fusednorm.group_norm import (
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    group_norm,
+    instance_norm,
+)
 from fusednorm.modules import LayerNorm, RMSNorm
 from fusednorm.patch import patch, unpatch
+from fusednorm.row_norm import layer_norm, rms_norm
 
 __all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
     "LayerNorm",
     "RMSNorm",
+    "batch_norm",
     "current_backend",
+    "group_norm",
+    "instance_norm",
     "layer_norm",
     "patch",
     "rms_norm",

@@ -27,16 +27,16 @@ class _FusedOptions:
     def _options(self) -> dict:
         # self.training is read only when there is dropout to switch off: otherwise train and
         # eval run the very same code (and torch.compile needs no guard on it).
-        return dict(
-            dropout_p=self.dropout_p if self.dropout_p and self.training else 0.0,
-            residual_in_fp32=self.residual_in_fp32,
-            zero_centered_weight=self.zero_centered_weight,
-            memory_efficient=self.memory_efficient,
-        )
+        return {
+            "dropout_p": self.dropout_p if self.dropout_p and self.training else 0.0,
+            "residual_in_fp32": self.residual_in_fp32,
+            "zero_centered_weight": self.zero_centered_weight,
+            "memory_efficient": self.memory_efficient,
+        }
 
     def _extra_options_repr(self) -> str:
-        defaults = dict(dropout_p=0.0, residual_in_fp32=False, zero_centered_weight=False,
-                        memory_efficient=False)
+        defaults = {"dropout_p": 0.0, "residual_in_fp32": False, "zero_centered_weight": False,
+                        "memory_efficient": False}
         return "".join(f", {k}={getattr(self, k)}" for k, v in defaults.items()
                        if getattr(self, k) != v)
 

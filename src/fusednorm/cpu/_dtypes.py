@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, types
+from numba import carray, njit, types
 from numba.extending import intrinsic, overload
 
 NATIVE = 0  # float32/float64 array, used directly
@@ -85,6 +85,27 @@ def _numpy_view(t: torch.Tensor) -> np.ndarray:
         "typestr": _TYPESTR[t.dtype],
         "version": 3,
     }))
+
+
+@intrinsic
+def _address_as_pointer(typingctx, addr, tag):
+    ptr = types.CPointer(tag.dtype)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+    return ptr(addr, tag), codegen
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def from_address(addr, n, tag):
+    """Inside a kernel: the 1-D contiguous array of n elements of tag's dtype at address addr.
+
+    The cheapest way to hand a tensor to a kernel: its ``data_ptr()`` (an int) and a cached
+    1-element array of its storage type (the tag), instead of a numpy view built per call. The
+    caller keeps the tensor alive for the duration of the call.
+    """
+    return carray(_address_as_pointer(addr, tag), n)
 
 
 # --- scalar conversions (bit-exact with torch's casts) -------------------------------------------

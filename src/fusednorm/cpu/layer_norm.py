@@ -3,10 +3,18 @@
 Implements the kernel contract of docs/DESIGN.md (`norm_fwd`, `norm_bwd`, `dropout_keep_mask`).
 
 How the work is laid out, and why:
-- Every tensor reaches a kernel as a flat 1-D view of the storage it spans plus a row stride, so
-  strided, expanded (stride 0) and contiguous rows share one compiled specialization. Absent
-  tensors are 1-element dummies with a flag; dtypes are kind codes (see `_dtypes`). A kernel is
-  compiled once per combination of storage types actually used, and cached on disk.
+- Every tensor reaches a kernel as its address, the element count it spans and a tag (a cached
+  1-element array of its storage type), plus a row stride; the kernel makes the flat 1-D view
+  (`from_address`). So strided, expanded (stride 0) and contiguous rows share one compiled
+  specialization, and a call builds no numpy view (each cost microseconds: small calls are
+  dominated by such wrapper work). Absent tensors are flagged and point at a tag; dtypes are kind
+  codes (see `_dtypes`). A kernel is compiled once per combination of storage types actually
+  used, and cached on disk.
+- Calls under `_SERIAL_MAX` elements run a serial twin of each kernel (no parallel-region
+  launch). Both twins call the same compiled row function (`_fwd_rows`, `_bwd_block`) on the
+  same row blocks, so the choice never changes a bit of the result.
+- Scratch rows and parameter rows are used through unowned views (`_unowned`): references
+  taken on owned arrays are atomic operations, which cost more than short rows' arithmetic.
 - A row is normalized from a float buffer of the compute type (float32, float64 for float64):
   the input row itself when it is stored in that type, else a converted copy (half input, or h =
   residual + dropout(x) rounded to its storage type). The row is re-read from cache for the exact
@@ -32,11 +40,11 @@ from ._dtypes import (
     BF16,
     F16,
     NATIVE,
-    as_flat_array,
     bf16_to_f32,
     f16_to_f32,
     f32_to_bf16,
     f32_to_f16,
+    from_address,
     is_bits,
     load,
     load_row,
@@ -106,6 +114,24 @@ def _same_or_impl(a, alt):
     return lambda a, alt: (alt, False)
 
 
+@njit(inline="always", cache=True, error_model="numpy")
+def _unowned(a, off, n):
+    """a[off:off + n] as a view that holds no reference to a's memory.
+
+    Every reference taken on an owned array (a slice, a row assigned to a variable) is an atomic
+    increment and decrement: at short rows they cost more than the row's arithmetic. Views of
+    scratch and parameter rows are taken this way. The owner must outlive the view: an argument
+    of the function does; a local array is kept by `_keep` after the loops. (Not in the parallel
+    kernels: their statement reordering could move that use.)"""
+    return from_address(a.ctypes.data + off * a.itemsize, n, a)
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _keep(a):
+    # a use of the owner after the views' last use: numba frees an array after its last use
+    a[0] = a[0]
+
+
 # Helpers take rows as slices (a[o:o + n]) and index them from 0: numba wraps negative signed
 # indices, so a[o + j] would compile to gathers instead of vector loads.
 
@@ -140,10 +166,16 @@ def _dev_sums(a, n, mu):
 @njit(cache=True, error_model="numpy")
 def _row_stats(a, n, cp, is_rms):
     """(mean, rstd) of the row a; cp holds the compute-type constants (see `_consts`)."""
+    return _row_stats_from(a, n, cp, is_rms, _sum_sq(a, n) if is_rms else _sum(a, n))
+
+
+@njit(cache=True, error_model="numpy")
+def _row_stats_from(a, n, cp, is_rms, s):
+    """`_row_stats` given s, the row's Σa (Σa² for RMSNorm)."""
     eps, inv_n, one, zero = cp[0], cp[1], cp[3], cp[4]
     if is_rms:
-        return zero, one / np.sqrt(_sum_sq(a, n) * inv_n + eps)
-    mu = _sum(a, n) * inv_n
+        return zero, one / np.sqrt(s * inv_n + eps)
+    mu = s * inv_n
     # Corrected two-pass: the deviations' own sum removes the rounding error of the first mean
     # (Chan, Golub & LeVeque), which matters for rows far from zero (mean 1e4 with unit spread).
     sd, ss = _dev_sums(a, n, mu)
@@ -153,6 +185,47 @@ def _row_stats(a, n, cp, is_rms):
     elif np.isinf(ss):  # squares overflowed: the variance is inf (as in torch), not inf - inf
         var = ss
     return mu + sd * inv_n, one / np.sqrt(var + eps)
+
+
+def _load_row_sum(src, off, n, kind, dst, sq):
+    """`load_row`, returning the row's Σ (Σ of squares when sq) in the same pass."""
+    raise NotImplementedError  # only callable from numba code
+
+
+@overload(_load_row_sum, jit_options={"fastmath": _REDUCE})
+def _load_row_sum_impl(src, off, n, kind, dst, sq):
+    # One pass instead of two over the row; the order of the sum depends on N only, as `_sum`'s.
+    if is_bits(src):
+
+        def impl(src, off, n, kind, dst, sq):
+            s = src[off : off + n]
+            if kind != BF16:  # float16: the slow path, not fused
+                for j in range(n):
+                    dst[j] = f16_to_f32(s[j])
+                return _sum_sq(dst, n) if sq else _sum(dst, n)
+            v = bf16_to_f32(s[0])
+            dst[0] = v
+            if sq:
+                acc = v * v
+                for j in range(1, n):
+                    v = bf16_to_f32(s[j])
+                    dst[j] = v
+                    acc += v * v
+            else:
+                acc = v
+                for j in range(1, n):
+                    v = bf16_to_f32(s[j])
+                    dst[j] = v
+                    acc += v
+            return acc
+
+        return impl
+
+    def native(src, off, n, kind, dst, sq):
+        load_row(src, off, n, kind, dst)
+        return _sum_sq(dst, n) if sq else _sum(dst, n)
+
+    return native
 
 
 @njit(cache=True, error_model="numpy")
@@ -209,57 +282,103 @@ def _normalize_xhat_row(a, n, mu, rs, weff, beff, xhat, dst):
 
 @njit(cache=True, error_model="numpy")
 def _effective_params(w, wkind, has_w, b, bkind, has_b, zc, n, cp):
-    """(w_eff, b) in the compute type: 1 + w for a zero-centred weight, 1 and 0 when absent."""
+    """[w_eff, b] (2N) in the compute type: 1 + w for a zero-centred weight, 1 and 0 when
+    absent."""
     one, zero = cp[3], cp[4]
-    weff, beff = np.empty(n, cp.dtype), np.empty(n, cp.dtype)
+    wb = np.empty(2 * n, cp.dtype)
     for j in range(n):
-        weff[j] = load(w, j, wkind) if has_w else one
+        wb[j] = load(w, j, wkind) if has_w else one
         if zc and has_w:
-            weff[j] += one
-        beff[j] = load(b, j, bkind) if has_b else zero
-    return weff, beff
+            wb[j] += one
+        wb[n + j] = load(b, j, bkind) if has_b else zero
+    return wb
 
 
 # --- forward -------------------------------------------------------------------------------------
 
 
+@njit(cache=True, error_model="numpy")
+def _fwd_rows(
+    x, sx, xkind, in_place, r, sr, rkind, has_r, y, ykind, h, hkind, has_h, mean, rstd,
+    wb, lo, hi, n, cp, is_rms, p, seed_lo, seed_hi, xhat,
+):  # fmt: skip
+    """Rows lo..hi-1 of the forward. Both kernels below call this one compiled function, so a
+    row's result is bitwise the same whichever runs it."""
+    p32 = np.float32(p)
+    weff, beff = _unowned(wb, 0, n), _unowned(wb, n, n)  # wb, an argument, outlives them
+    scratch = np.empty(2 * n, cp.dtype)
+    buf, tmp = _unowned(scratch, 0, n), _unowned(scratch, n, n)
+    x0, x_ok = _same_or(x, buf)  # x read in place when stored in the compute type
+    for i in range(lo, hi):
+        if in_place and x_ok:
+            a = x0[i * sx : i * sx + n]
+            mu, rs = _row_stats(a, n, cp, is_rms)
+        elif in_place:  # converted on load, the first sum taken in the same pass
+            a = buf
+            mu, rs = _row_stats_from(a, n, cp, is_rms, _load_row_sum(x, i * sx, n, xkind, a, is_rms))
+        else:
+            # h = residual + dropout(x), rounded to its storage type before the norm
+            load_row(x, i * sx, n, xkind, buf)
+            if p > 0:
+                _dropout_row(buf, n, i * n, seed_lo, seed_hi, p32, cp[2], cp[4])
+            if has_r:
+                load_row(r, i * sr, n, rkind, tmp)
+                for j in range(n):
+                    buf[j] += tmp[j]
+            if has_h:
+                store_row(h, i * n, n, hkind, buf)
+                load_row(h, i * n, n, hkind, buf)
+            a = buf
+            mu, rs = _row_stats(a, n, cp, is_rms)
+        if not is_rms:
+            mean[i] = mu
+        rstd[i] = rs
+        if xhat == 0:
+            _normalize_store(a, n, mu, rs, weff, beff, y, i * n, ykind)
+        else:
+            _normalize_xhat_row(a, n, mu, rs, weff, beff, xhat, tmp)
+            store_row(y, i * n, n, ykind, tmp)
+    _keep(scratch)
+
+
+# The kernels take every tensor as (address, element count, tag): see `from_address`.
+
+
 @njit(parallel=True, cache=True, error_model="numpy", nogil=True)
 def _fwd_kernel(
-    x, sx, xkind, in_place, r, sr, rkind, has_r, w, wkind, has_w, b, bkind, has_b,
-    y, ykind, h, hkind, has_h, mean, rstd, m, n, cp, is_rms, zc, p, seed_lo, seed_hi, xhat,
-    nchunks,
+    xp, xlen, xt, sx, xkind, in_place, rp, rlen, rt, sr, rkind, has_r, wp, wt, wkind, has_w,
+    bp, bt, bkind, has_b, yp, yt, ykind, hp, ht, hkind, has_h, meanp, rstdp, m, n, cp, is_rms,
+    zc, p, seed_lo, seed_hi, xhat, nchunks,
 ):  # fmt: skip
-    weff, beff = _effective_params(w, wkind, has_w, b, bkind, has_b, zc, n, cp)
+    x, r = from_address(xp, xlen, xt), from_address(rp, rlen, rt)
+    w, b = from_address(wp, n if has_w else 1, wt), from_address(bp, n if has_b else 1, bt)
+    y, h = from_address(yp, m * n, yt), from_address(hp, m * n if has_h else 1, ht)
+    mean, rstd = from_address(meanp, 1 if is_rms else m, cp), from_address(rstdp, m, cp)
+    wb = _effective_params(w, wkind, has_w, b, bkind, has_b, zc, n, cp)
     per = (m + nchunks - 1) // nchunks
-    p32 = np.float32(p)
     for c in prange(nchunks):
-        buf, tmp = np.empty(n, cp.dtype), np.empty(n, cp.dtype)
-        x0, x_ok = _same_or(x, buf)  # x read in place when stored in the compute type
-        for i in range(c * per, min(m, (c + 1) * per)):
-            if in_place and x_ok:
-                a = x0[i * sx : i * sx + n]
-            else:
-                # h = residual + dropout(x), rounded to its storage type before the norm
-                load_row(x, i * sx, n, xkind, buf)
-                if p > 0:
-                    _dropout_row(buf, n, i * n, seed_lo, seed_hi, p32, cp[2], cp[4])
-                if has_r:
-                    load_row(r, i * sr, n, rkind, tmp)
-                    for j in range(n):
-                        buf[j] += tmp[j]
-                if has_h:
-                    store_row(h, i * n, n, hkind, buf)
-                    load_row(h, i * n, n, hkind, buf)
-                a = buf
-            mu, rs = _row_stats(a, n, cp, is_rms)
-            if not is_rms:
-                mean[i] = mu
-            rstd[i] = rs
-            if xhat == 0:
-                _normalize_store(a, n, mu, rs, weff, beff, y, i * n, ykind)
-            else:
-                _normalize_xhat_row(a, n, mu, rs, weff, beff, xhat, tmp)
-                store_row(y, i * n, n, ykind, tmp)
+        _fwd_rows(
+            x, sx, xkind, in_place, r, sr, rkind, has_r, y, ykind, h, hkind, has_h, mean, rstd,
+            wb, c * per, min(m, (c + 1) * per), n, cp, is_rms, p, seed_lo, seed_hi, xhat,
+        )  # fmt: skip
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def _fwd_kernel_serial(
+    xp, xlen, xt, sx, xkind, in_place, rp, rlen, rt, sr, rkind, has_r, wp, wt, wkind, has_w,
+    bp, bt, bkind, has_b, yp, yt, ykind, hp, ht, hkind, has_h, meanp, rstdp, m, n, cp, is_rms,
+    zc, p, seed_lo, seed_hi, xhat, nchunks,
+):  # fmt: skip
+    """`_fwd_kernel` without the parallel region (whose launch costs microseconds): small calls."""
+    x, r = from_address(xp, xlen, xt), from_address(rp, rlen, rt)
+    w, b = from_address(wp, n if has_w else 1, wt), from_address(bp, n if has_b else 1, bt)
+    y, h = from_address(yp, m * n, yt), from_address(hp, m * n if has_h else 1, ht)
+    mean, rstd = from_address(meanp, 1 if is_rms else m, cp), from_address(rstdp, m, cp)
+    wb = _effective_params(w, wkind, has_w, b, bkind, has_b, zc, n, cp)
+    _fwd_rows(
+        x, sx, xkind, in_place, r, sr, rkind, has_r, y, ykind, h, hkind, has_h, mean, rstd,
+        wb, 0, m, n, cp, is_rms, p, seed_lo, seed_hi, xhat,
+    )  # fmt: skip
 
 
 # --- backward ------------------------------------------------------------------------------------
@@ -322,68 +441,124 @@ def _dnorm_store_impl(d, weff, xh, rs, mg, mgx, n, dst, do, kind):
     return native
 
 
-@njit(parallel=True, cache=True, error_model="numpy", nogil=True)
-def _bwd_kernel(
-    dy, sdy, dykind, hs, shs, hskind, w, wkind, has_w, b, bkind, has_b, mean, rstd,
-    dho, sdho, dhokind, has_dho, dx, dxkind, dr, drkind, has_dr, dwp, dbp, dw_out, db_out, acc,
-    m, n, cp, is_rms, zc, p, seed_lo, seed_hi, from_output, nblocks,
+@njit(cache=True, error_model="numpy")
+def _bwd_block(
+    dy, sdy, dykind, hs, shs, hskind, mean, rstd, dho, sdho, dhokind, has_dho, dx, dxkind,
+    dr, drkind, has_dr, dwp, dbp, acc, wb, blk, lo, hi, n, cp, is_rms, p, seed_lo, seed_hi,
+    from_output,
 ):  # fmt: skip
-    weff, beff = _effective_params(w, wkind, has_w, b, bkind, has_b, zc, n, cp)
-    per = (m + nblocks - 1) // nblocks
+    """Rows lo..hi-1 of the backward, summing their weight gradients into partial row blk. Both
+    kernels below call this one compiled function (bitwise the same results)."""
     p32 = np.float32(p)
     inv_n, one, zero = cp[1], cp[3], cp[4]
     # dx goes straight to its output unless other terms are still to be added to dh
     plain = not (has_dho or has_dr or p > 0)
-    for blk in prange(nblocks):
-        xh, gb = np.empty(n, cp.dtype), np.empty(n, cp.dtype)
-        tb, ob = np.empty(n, cp.dtype), np.empty(n, cp.dtype)
-        dy0, dy_ok = _same_or(dy, gb)
-        hs0, hs_ok = _same_or(hs, ob)
-        dw_blk = dwp[blk * n : blk * n + n] if acc >= 1 else dwp
-        db_blk = dbp[blk * n : blk * n + n] if acc == 2 else dbp
-        if acc >= 1:  # zeroed here, by the thread that fills them, not by a torch op
-            dw_blk[:] = zero
-        if acc == 2:
-            db_blk[:] = zero
-        for i in range(blk * per, min(m, (blk + 1) * per)):
-            if dy_ok:
-                d = dy0[i * sdy : i * sdy + n]
-            else:
-                load_row(dy, i * sdy, n, dykind, gb)
-                d = gb
-            if hs_ok:
-                a = hs0[i * shs : i * shs + n]
-            else:
-                load_row(hs, i * shs, n, hskind, ob)
-                a = ob
-            rs = rstd[i]
-            if from_output:  # a is y: x̂ = (y - b) / w_eff, then taken as it is below
-                for j in range(n):
-                    tb[j] = (a[j] - beff[j]) / weff[j]
-                sg, sgx = _grad_pass(tb, d, weff, zero, one, n, xh)
-            else:
-                mu = zero if is_rms else mean[i]
-                sg, sgx = _grad_pass(a, d, weff, mu, rs, n, xh)
-            if acc > 0:
-                _accumulate_weight_grads(d, xh, n, dw_blk, db_blk, acc == 2)
-            mg = zero if is_rms else sg * inv_n
-            if plain:
-                _dnorm_store(d, weff, xh, rs, mg, sgx * inv_n, n, dx, i * n, dxkind)
-            else:
-                _dnorm_store(d, weff, xh, rs, mg, sgx * inv_n, n, tb, 0, NATIVE)
-                if has_dho:
-                    load_row(dho, i * sdho, n, dhokind, ob)
-                    for j in range(n):
-                        tb[j] += ob[j]
-                if has_dr:
-                    store_row(dr, i * n, n, drkind, tb)
-                if p > 0:
-                    _dropout_row(tb, n, i * n, seed_lo, seed_hi, p32, cp[2], zero)
-                store_row(dx, i * n, n, dxkind, tb)
-    if acc >= 1:
-        _sum_blocks(dwp, nblocks, n, dw_out)
+    weff, beff = _unowned(wb, 0, n), _unowned(wb, n, n)  # wb, an argument, outlives them
+    scratch = np.empty(4 * n, cp.dtype)
+    xh, gb = _unowned(scratch, 0, n), _unowned(scratch, n, n)
+    tb, ob = _unowned(scratch, 2 * n, n), _unowned(scratch, 3 * n, n)
+    dy0, dy_ok = _same_or(dy, gb)
+    hs0, hs_ok = _same_or(hs, ob)
+    dw_blk = dwp[blk * n : blk * n + n] if acc >= 1 else dwp
+    db_blk = dbp[blk * n : blk * n + n] if acc == 2 else dbp
+    if acc >= 1:  # zeroed here, by the thread that fills them, not by a torch op
+        dw_blk[:] = zero
     if acc == 2:
-        _sum_blocks(dbp, nblocks, n, db_out)
+        db_blk[:] = zero
+    for i in range(lo, hi):
+        if dy_ok:
+            d = dy0[i * sdy : i * sdy + n]
+        else:
+            load_row(dy, i * sdy, n, dykind, gb)
+            d = gb
+        if hs_ok:
+            a = hs0[i * shs : i * shs + n]
+        else:
+            load_row(hs, i * shs, n, hskind, ob)
+            a = ob
+        rs = rstd[i]
+        if from_output:  # a is y: x̂ = (y - b) / w_eff, then taken as it is below
+            for j in range(n):
+                tb[j] = (a[j] - beff[j]) / weff[j]
+            sg, sgx = _grad_pass(tb, d, weff, zero, one, n, xh)
+        else:
+            mu = zero if is_rms else mean[i]
+            sg, sgx = _grad_pass(a, d, weff, mu, rs, n, xh)
+        if acc > 0:
+            _accumulate_weight_grads(d, xh, n, dw_blk, db_blk, acc == 2)
+        mg = zero if is_rms else sg * inv_n
+        if plain:
+            _dnorm_store(d, weff, xh, rs, mg, sgx * inv_n, n, dx, i * n, dxkind)
+        else:
+            _dnorm_store(d, weff, xh, rs, mg, sgx * inv_n, n, tb, 0, NATIVE)
+            if has_dho:
+                load_row(dho, i * sdho, n, dhokind, ob)
+                for j in range(n):
+                    tb[j] += ob[j]
+            if has_dr:
+                store_row(dr, i * n, n, drkind, tb)
+            if p > 0:
+                _dropout_row(tb, n, i * n, seed_lo, seed_hi, p32, cp[2], zero)
+            store_row(dx, i * n, n, dxkind, tb)
+    _keep(scratch)
+
+
+@njit(parallel=True, cache=True, error_model="numpy", nogil=True)
+def _bwd_kernel(
+    dyp, dylen, dyt, sdy, dykind, hsp, hslen, hst, shs, hskind, wp, wt, wkind, has_w, bp, bt,
+    bkind, has_b, meanp, rstdp, dhop, dholen, dhot, sdho, dhokind, has_dho, dxp, dxt, dxkind,
+    drp, drt, drkind, has_dr, dwpp, dbpp, dwop, dbop, acc, m, n, cp, is_rms, zc, p, seed_lo,
+    seed_hi, from_output, nblocks,
+):  # fmt: skip
+    dy, hs = from_address(dyp, dylen, dyt), from_address(hsp, hslen, hst)
+    w, b = from_address(wp, n if has_w else 1, wt), from_address(bp, n if has_b else 1, bt)
+    mean = from_address(meanp, m if (not is_rms and not from_output) else 1, cp)
+    rstd, dho = from_address(rstdp, m, cp), from_address(dhop, dholen, dhot)
+    dx, dr = from_address(dxp, m * n, dxt), from_address(drp, m * n if has_dr else 1, drt)
+    dwp = from_address(dwpp, nblocks * n if acc >= 1 else 1, cp)
+    dbp = from_address(dbpp, nblocks * n if acc == 2 else 1, cp)
+    wb = _effective_params(w, wkind, has_w, b, bkind, has_b, zc, n, cp)
+    per = (m + nblocks - 1) // nblocks
+    for blk in prange(nblocks):
+        _bwd_block(
+            dy, sdy, dykind, hs, shs, hskind, mean, rstd, dho, sdho, dhokind, has_dho, dx,
+            dxkind, dr, drkind, has_dr, dwp, dbp, acc, wb, blk, blk * per,
+            min(m, (blk + 1) * per), n, cp, is_rms, p, seed_lo, seed_hi, from_output,
+        )  # fmt: skip
+    if acc >= 1:
+        _sum_blocks(dwp, nblocks, n, from_address(dwop, n, cp))
+    if acc == 2:
+        _sum_blocks(dbp, nblocks, n, from_address(dbop, n, cp))
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def _bwd_kernel_serial(
+    dyp, dylen, dyt, sdy, dykind, hsp, hslen, hst, shs, hskind, wp, wt, wkind, has_w, bp, bt,
+    bkind, has_b, meanp, rstdp, dhop, dholen, dhot, sdho, dhokind, has_dho, dxp, dxt, dxkind,
+    drp, drt, drkind, has_dr, dwpp, dbpp, dwop, dbop, acc, m, n, cp, is_rms, zc, p, seed_lo,
+    seed_hi, from_output, nblocks,
+):  # fmt: skip
+    """`_bwd_kernel` without the parallel region (whose launch costs microseconds): small calls.
+    Same row blocks, so the same weight-gradient partials and summation order."""
+    dy, hs = from_address(dyp, dylen, dyt), from_address(hsp, hslen, hst)
+    w, b = from_address(wp, n if has_w else 1, wt), from_address(bp, n if has_b else 1, bt)
+    mean = from_address(meanp, m if (not is_rms and not from_output) else 1, cp)
+    rstd, dho = from_address(rstdp, m, cp), from_address(dhop, dholen, dhot)
+    dx, dr = from_address(dxp, m * n, dxt), from_address(drp, m * n if has_dr else 1, drt)
+    dwp = from_address(dwpp, nblocks * n if acc >= 1 else 1, cp)
+    dbp = from_address(dbpp, nblocks * n if acc == 2 else 1, cp)
+    wb = _effective_params(w, wkind, has_w, b, bkind, has_b, zc, n, cp)
+    per = (m + nblocks - 1) // nblocks
+    for blk in range(nblocks):
+        _bwd_block(
+            dy, sdy, dykind, hs, shs, hskind, mean, rstd, dho, sdho, dhokind, has_dho, dx,
+            dxkind, dr, drkind, has_dr, dwp, dbp, acc, wb, blk, blk * per,
+            min(m, (blk + 1) * per), n, cp, is_rms, p, seed_lo, seed_hi, from_output,
+        )  # fmt: skip
+    if acc >= 1:
+        _sum_blocks(dwp, nblocks, n, from_address(dwop, n, cp))
+    if acc == 2:
+        _sum_blocks(dbp, nblocks, n, from_address(dbop, n, cp))
 
 
 @njit(cache=True, error_model="numpy")
@@ -403,28 +578,27 @@ def _sum_blocks(parts, nb, n, out):
 # --- launchers -----------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+_CONSTS: dict[tuple, np.ndarray] = {}
 
 
 def _consts(ct: torch.dtype, eps: float, n: int, p: float) -> np.ndarray:
-    """Scalars in the compute type: eps, 1/N, the dropout scale 1/(1 - p), 1, 0."""
-    scale = 1.0 / (1.0 - p) if p < 1 else 0.0
-    np_dtype = np.float64 if ct == torch.float64 else np.float32
-    return np.array([eps, 1.0 / max(n, 1), scale, 1.0, 0.0], dtype=np_dtype)
+    """Scalars in the compute type: eps, 1/N, the dropout scale 1/(1 - p), 1, 0 (cached; the
+    kernels only read them)."""
+    key = (ct, eps, n, p)
+    cp = _CONSTS.get(key)
+    if cp is None:
+        scale = 1.0 / (1.0 - p) if p < 1 else 0.0
+        np_dtype = np.float64 if ct == torch.float64 else np.float32
+        cp = np.array([eps, 1.0 / max(n, 1), scale, 1.0, 0.0], dtype=np_dtype)
+        if len(_CONSTS) >= 1024:
+            _CONSTS.clear()
+        _CONSTS[key] = cp
+    return cp
 
 
 def _seed_words(seed: int) -> tuple[int, int]:
     seed &= (1 << 64) - 1
     return seed & 0xFFFFFFFF, seed >> 32
-
-
-def _arg(t: torch.Tensor | None, dummy: np.ndarray) -> tuple[np.ndarray, int, bool]:
-    """(flat array, kind, present) for a kernel argument; absent ones are 1-element dummies."""
-    if t is None or t.numel() == 0:
-        return dummy, NATIVE, False
-    arr, kind = as_flat_array(t)
-    return arr, kind, True
 
 
 def _unit_rows(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -434,21 +608,60 @@ def _unit_rows(t: torch.Tensor | None) -> torch.Tensor | None:
     return t
 
 
-_DUMMIES: dict[torch.dtype, np.ndarray] = {}
+def _param(t: torch.Tensor | None) -> torch.Tensor | None:
+    # weight and bias: contiguous (N,) by the contract; a cheap guard for direct callers
+    if t is not None and t.numel() > 1 and t.stride(-1) != 1:
+        return t.contiguous()
+    return t
 
 
-def _dummy_like(t: torch.Tensor) -> np.ndarray:
-    """A 1-element array of t's storage type, so that absent arguments add no specialization.
-    Kernels never write to it."""
-    if t.dtype not in _DUMMIES:
-        _DUMMIES[t.dtype] = as_flat_array(torch.zeros(1, dtype=t.dtype))[0]
-    return _DUMMIES[t.dtype]
+# Per storage dtype: (tag, kind). A tag is a 1-element array of the kernels' storage type for
+# that dtype: it tells `from_address` the element type, and its own address stands in for absent
+# arguments (kernels never touch those). Tags of one dtype are one object: no new specialization.
+_TAGS: dict[torch.dtype, tuple[np.ndarray, int]] = {
+    torch.float32: (np.zeros(1, np.float32), NATIVE),
+    torch.float64: (np.zeros(1, np.float64), NATIVE),
+    torch.bfloat16: (np.zeros(1, np.uint16), BF16),
+    torch.float16: (np.zeros(1, np.uint16), F16),
+}
+_TAG_ADDR = {dt: tag.ctypes.data for dt, (tag, _) in _TAGS.items()}
+_SERIAL_MAX = 1 << 15  # up to this many elements a call runs serially (no parallel region)
+
+
+def _rows_arg(t: torch.Tensor | None, absent: torch.dtype):
+    """(address, element span, tag, kind, present) of an (M, N) argument with unit inner stride."""
+    if t is None or t.numel() == 0:
+        tag = _TAGS[absent][0]
+        return _TAG_ADDR[absent], 1, tag, NATIVE, False
+    m, n = t.shape
+    tag, kind = _TAGS[t.dtype]
+    return t.data_ptr(), (m - 1) * t.stride(0) + n, tag, kind, True
+
+
+def _vec_arg(t: torch.Tensor | None, absent: torch.dtype):
+    """(address, tag, kind, present) of a contiguous argument (weight, bias, outputs)."""
+    if t is None or t.numel() == 0:
+        return _TAG_ADDR[absent], _TAGS[absent][0], NATIVE, False
+    tag, kind = _TAGS[t.dtype]
+    return t.data_ptr(), tag, kind, True
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _xhat_code(xhat_dtype: torch.dtype | None, ct: torch.dtype) -> int:
     if xhat_dtype is None or xhat_dtype == ct:
         return 0
     return {torch.bfloat16: BF16, torch.float16: F16, torch.float32: _XHAT_F32}[xhat_dtype]
+
+
+def _workers(m: int, n: int) -> int:
+    """Parallel chunks for a call: 1 (the serial kernel) for small calls. Only the speed
+    depends on it: a row's result is the same either way."""
+    if m * n <= _SERIAL_MAX:
+        return 1
+    return min(m, numba.get_num_threads())
 
 
 def norm_fwd(
@@ -467,33 +680,36 @@ def norm_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalize the rows of x (M, N); returns (y, h, mean, rstd) as in docs/DESIGN.md."""
     x, residual = _unit_rows(x), _unit_rows(residual)
+    weight, bias = _param(weight), _param(bias)
     m, n = x.shape
-    ct = _compute_dtype(x.dtype)
+    xdt = x.dtype
+    ct = torch.float64 if xdt == torch.float64 else torch.float32
     has_h = residual is not None or dropout_p > 0
-    h_dtype = residual_dtype or x.dtype
     y = torch.empty((m, n), dtype=out_dtype)
-    h = torch.empty((m, n) if has_h else (0,), dtype=h_dtype)
+    h = torch.empty((m, n) if has_h else (0,), dtype=residual_dtype or xdt)
     mean = torch.empty(0 if is_rms else m, dtype=ct)
     rstd = torch.empty(m, dtype=ct)
     if m == 0 or n == 0:
         mean.zero_()
         rstd.fill_(float("nan"))  # torch's statistics of an empty row
         return y, h, mean, rstd
-    dummy = _dummy_like(x)
-    xa, xkind, _ = _arg(x, dummy)
-    ra, rkind, has_r = _arg(residual, dummy)
-    wa, wkind, has_w = _arg(weight, dummy)
-    ba, bkind, has_b = _arg(bias, dummy)
-    ya, ykind, _ = _arg(y, dummy)
-    ha, hkind, _ = _arg(h, dummy)
-    rstd_a = as_flat_array(rstd)[0]
-    mean_a = rstd_a if is_rms else as_flat_array(mean)[0]
-    seed_lo, seed_hi = _seed_words(seed)
-    _fwd_kernel(
-        xa, x.stride(0), xkind, not has_h, ra, residual.stride(0) if has_r else 0, rkind, has_r,
-        wa, wkind, has_w, ba, bkind, has_b, ya, ykind, ha, hkind, has_h, mean_a, rstd_a,
-        m, n, _consts(ct, eps, n, dropout_p), is_rms, zero_centered, float(dropout_p),
-        seed_lo, seed_hi, _xhat_code(xhat_dtype, ct), min(m, numba.get_num_threads()),
+    xp, xlen, xt, xkind, _ = _rows_arg(x, xdt)
+    rp, rlen, rt, rkind, has_r = _rows_arg(residual, xdt)
+    wp, wt, wkind, has_w = _vec_arg(weight, xdt)
+    bp, bt, bkind, has_b = _vec_arg(bias, xdt)
+    yt, ykind = _TAGS[out_dtype]
+    hp, ht, hkind, _ = _vec_arg(h, xdt)
+    rstdp = rstd.data_ptr()
+    meanp = rstdp if is_rms else mean.data_ptr()
+    seed_lo, seed_hi = _seed_words(seed) if dropout_p > 0 else (0, 0)
+    nchunks = _workers(m, n)
+    kernel = _fwd_kernel if nchunks > 1 else _fwd_kernel_serial
+    kernel(
+        xp, xlen, xt, x.stride(0), xkind, not has_h, rp, rlen, rt,
+        residual.stride(0) if has_r else 0, rkind, has_r, wp, wt, wkind, has_w, bp, bt, bkind,
+        has_b, y.data_ptr(), yt, ykind, hp, ht, hkind, has_h, meanp, rstdp, m, n,
+        _consts(ct, eps, n, dropout_p), is_rms, zero_centered, float(dropout_p), seed_lo,
+        seed_hi, _xhat_code(xhat_dtype, ct) if xhat_dtype is not None else 0, nchunks,
     )  # fmt: skip
     return y, h, mean, rstd
 
@@ -519,43 +735,50 @@ def norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (dx, dresidual, dweight, dbias) of `norm_fwd`, as in docs/DESIGN.md."""
     dy, h, dh_out = _unit_rows(dy), _unit_rows(h), _unit_rows(dh_out)
+    weight, bias = _param(weight), _param(bias)
     m, n = dy.shape
     ct = rstd.dtype
     dx = torch.empty((m, n), dtype=x_dtype)
-    dr_dtype = residual_dtype or x_dtype
-    dres = torch.empty((m, n) if has_residual else (0,), dtype=dr_dtype)
+    dres = torch.empty((m, n) if has_residual else (0,), dtype=residual_dtype or x_dtype)
     need_dw = need_weight_grad and weight is not None
     need_db = need_weight_grad and bias is not None
     # acc: 0 no weight gradients, 1 dweight, 2 dweight and dbias (a bias without a weight gets a
     # scratch dweight: rare enough not to deserve its own loop)
     acc = 2 if need_db else int(need_dw)
-    nblocks = min(m, _MAX_BLOCKS)  # depends on M only: the weight gradients' summation order
-    parts = (nblocks, n) if acc else (1,)
-    dwp, dbp = torch.empty(parts, dtype=ct), torch.empty(parts if acc == 2 else (1,), dtype=ct)
-    dw = torch.zeros(n if acc else 1, dtype=ct)  # zeros: the result when M == 0
-    db = torch.zeros(n if acc == 2 else 1, dtype=ct)
-    if m > 0 and n > 0:
-        dummy = _dummy_like(dy)
-        dya, dykind, _ = _arg(dy, dummy)
-        ha, hkind, _ = _arg(h, dummy)
-        wa, wkind, has_w = _arg(weight, dummy)
-        ba, bkind, has_b = _arg(bias, dummy)
-        oa, okind, has_o = _arg(dh_out, dummy)
-        dxa, dxkind, _ = _arg(dx, dummy)
-        dra, drkind, _ = _arg(dres, dummy)
-        rstd_a = as_flat_array(rstd)[0]
-        mean_a = as_flat_array(mean)[0] if mean.numel() else rstd_a
-        seed_lo, seed_hi = _seed_words(seed)
-        _bwd_kernel(
-            dya, dy.stride(0), dykind, ha, h.stride(0), hkind, wa, wkind, has_w, ba, bkind,
-            has_b, mean_a, rstd_a, oa, dh_out.stride(0) if has_o else 0, okind, has_o,
-            dxa, dxkind, dra, drkind, has_residual, as_flat_array(dwp)[0],
-            as_flat_array(dbp)[0], dw.numpy(), db.numpy(), acc, m, n,
-            _consts(ct, eps, n, dropout_p), is_rms, zero_centered, float(dropout_p),
-            seed_lo, seed_hi, from_output, nblocks,
+    if m == 0 or n == 0:
+        dw = torch.zeros(n, dtype=ct) if need_dw else None  # the gradients of no rows
+        db = torch.zeros(n, dtype=ct) if need_db else None
+    else:
+        nblocks = min(m, _MAX_BLOCKS)  # depends on M only: the weight gradients' summation order
+        # the partial rows: dweight's, then dbias's, in one scratch tensor
+        parts = torch.empty(acc * nblocks * n, dtype=ct) if acc else None
+        dw = torch.empty(n, dtype=ct) if acc else None
+        db = torch.empty(n, dtype=ct) if acc == 2 else None
+        adt = dy.dtype
+        dyp, dylen, dyt, dykind, _ = _rows_arg(dy, adt)
+        hp, hlen, hst, hkind, _ = _rows_arg(h, adt)
+        wp, wt, wkind, has_w = _vec_arg(weight, adt)
+        bp, bt, bkind, has_b = _vec_arg(bias, adt)
+        op, olen, ot, okind, has_o = _rows_arg(dh_out, adt)
+        dxt, dxkind = _TAGS[x_dtype]
+        drp, drt, drkind, _ = _vec_arg(dres, adt)
+        rstdp = rstd.data_ptr()
+        meanp = mean.data_ptr() if mean.numel() else rstdp
+        cdummy = _TAG_ADDR[ct]
+        dwpp = parts.data_ptr() if acc else cdummy
+        dbpp = dwpp + nblocks * n * parts.element_size() if acc == 2 else cdummy
+        seed_lo, seed_hi = _seed_words(seed) if dropout_p > 0 else (0, 0)
+        kernel = _bwd_kernel if _workers(m, n) > 1 else _bwd_kernel_serial
+        kernel(
+            dyp, dylen, dyt, dy.stride(0), dykind, hp, hlen, hst, h.stride(0), hkind, wp, wt,
+            wkind, has_w, bp, bt, bkind, has_b, meanp, rstdp, op, olen, ot,
+            dh_out.stride(0) if has_o else 0, okind, has_o, dx.data_ptr(), dxt, dxkind, drp, drt,
+            drkind, has_residual, dwpp, dbpp, dw.data_ptr() if acc else cdummy,
+            db.data_ptr() if acc == 2 else cdummy, acc, m, n, _consts(ct, eps, n, dropout_p),
+            is_rms, zero_centered, float(dropout_p), seed_lo, seed_hi, from_output, nblocks,
         )  # fmt: skip
-    dweight = dw.to(weight.dtype) if need_dw else None
-    dbias = db.to(bias.dtype) if need_db else None
+    dweight = (dw if weight.dtype == ct else dw.to(weight.dtype)) if need_dw else None
+    dbias = (db if bias.dtype == ct else db.to(bias.dtype)) if need_db else None
     return dx, dres, dweight, dbias
 
 

@@ -1,0 +1,326 @@
+"""BatchNorm: per-channel statistics over batch and space, on fusednorm's kernels.
+
+Read top to bottom: backend kernels → torch.library ops (for torch.compile) → autograd →
+argument checks → public function → modules. The kernels (`cpu/batch_norm.py`,
+`triton/batch_norm.py`) share the contract written at the top of those files; this file views
+the input as (N, C, S) in one of the two layouts the kernels read (channels first, or channels
+innermost as in channels_last, which the output keeps), checks the arguments exactly as torch
+does and updates the running statistics.
+
+Semantics are torch's: the batch variance (biased) normalizes, the unbiased one enters
+running_var; running statistics are updated only in training; empty inputs go to torch's op.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fusednorm._backend import resolve
+from fusednorm._checks import params_ok, raise_like_torch
+from fusednorm._ops import dispatch
+
+
+@functools.cache
+def _kernels(backend: str) -> ModuleType:
+    return importlib.import_module(f"fusednorm.{backend}.batch_norm")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def layout_strides(shape: tuple[int, int, int], channels_last: bool) -> tuple[int, int, int]:
+    """The strides of an (N, C, S) tensor in the kernels' layouts (what their outputs have)."""
+    _, c, s = shape
+    return (c * s, 1, c) if channels_last else (c * s, s, 1)
+
+
+def as_ncs(x: Tensor, prefer_channels_last: bool = False) -> tuple[Tensor, bool]:
+    """x (N, C, *) as an (N, C, S) view, and whether its channels are innermost.
+
+    Channels-innermost input (channels_last, or a transposed (N, L, C) tensor) is read in place
+    by the channels-last kernels; anything else is made contiguous. With one position per
+    channel both layouts are the same memory: `prefer_channels_last` picks.
+    """
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c) if n * c else 1
+    x3 = x.reshape(n, c, s)
+    if c > 1 and s > 1 and x3.stride() == layout_strides((n, c, s), True):
+        return x3, True
+    cl = s == 1 and prefer_channels_last
+    return x.contiguous().as_strided((n, c, s), layout_strides((n, c, s), cl)), cl
+
+
+def from_layout(t3: Tensor, shape: torch.Size) -> Tensor:
+    """The kernels' (N, C, S) output viewed back as the input's shape."""
+    return t3.view(shape) if t3.numel() else t3.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels behind torch.library ops. Eager code calls the *_impl functions directly; compiled
+# graphs see the ops and their fake implementations. Absent outputs are empty tensors.
+
+
+def _fwd_impl(x, weight, bias, mean, var, eps, channels_last, backend):
+    # (the kernels copy x into their layout if it is not in it already)
+    y, bmean, bvar = _kernels(backend).batch_norm_fwd(x, weight, bias, mean, var, eps,
+                                                      channels_last)
+    if mean is not None:  # running statistics normalized; the op returns no alias of them
+        bmean, bvar = x.new_empty((0,), dtype=weight.dtype), x.new_empty((0,), dtype=weight.dtype)
+    return y, bmean, bvar
+
+
+@torch.library.custom_op("fusednorm::batch_norm_fwd", mutates_args=())
+def _fwd_op(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor | None, var: Tensor | None,
+            eps: float, channels_last: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _fwd_impl(x, weight, bias, mean, var, eps, channels_last, backend)
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, mean, var, eps, channels_last, backend):
+    c = x.shape[1]
+    stats = 0 if mean is not None else c
+    return (
+        x.new_empty_strided(x.shape, layout_strides(tuple(x.shape), channels_last)),
+        x.new_empty((stats,), dtype=weight.dtype),
+        x.new_empty((stats,), dtype=weight.dtype),
+    )
+
+
+def _bwd_impl(dy, x, weight, bias, mean, var, eps, training, channels_last, backend):
+    return _kernels(backend).batch_norm_bwd(dy, x, weight, bias, mean, var, eps, training,
+                                            channels_last)
+
+
+@torch.library.custom_op("fusednorm::batch_norm_bwd", mutates_args=())
+def _bwd_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
+            eps: float, training: bool, channels_last: bool, backend: str
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_impl(dy, x, weight, bias, mean, var, eps, training, channels_last, backend)
+
+
+@_bwd_op.register_fake
+def _(dy, x, weight, bias, mean, var, eps, training, channels_last, backend):
+    return (
+        x.new_empty_strided(x.shape, layout_strides(tuple(x.shape), channels_last),
+                            dtype=dy.dtype),
+        weight.new_empty(weight.shape),
+        weight.new_empty(weight.shape),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: our own backward kernels; torch's op (differentiable twice) when a graph of the
+# backward is asked for (create_graph=True).
+
+
+def affine_params(weight: Tensor | None, bias: Tensor | None, c: int, ct: torch.dtype,
+                  device: torch.device) -> tuple[Tensor, Tensor]:
+    """(C,) weight and bias in the compute dtype, ones and zeros when absent."""
+    w = torch.ones(c, dtype=ct, device=device) if weight is None else weight.reshape(c).to(ct)
+    b = torch.zeros(c, dtype=ct, device=device) if bias is None else bias.reshape(c).to(ct)
+    return w.contiguous(), b.contiguous()
+
+
+class _BatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, prefer_cl,
+                backend):
+        x3, cl = as_ncs(x, prefer_cl)
+        ct = compute_dtype(x.dtype)
+        w, b = affine_params(weight, bias, x3.shape[1], ct, x.device)
+        if training:
+            mean = var = None
+        else:
+            mean, var = running_mean.to(ct).contiguous(), running_var.to(ct).contiguous()
+        y3, bmean, bvar = dispatch(_fwd_op, _fwd_impl, x3, w, b, mean, var, eps, cl, backend)
+        if training:
+            mean, var = bmean, bvar
+        ctx.save_for_backward(x, x3, w, b, mean, var, weight, bias)
+        ctx.config = (training, eps, cl, backend, x.shape)
+        ctx.mark_non_differentiable(bmean, bvar)
+        return from_layout(y3, x.shape), bmean, bvar
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, x3, w, b, mean, var, weight, bias = ctx.saved_tensors
+        training, eps, cl, backend, shape = ctx.config
+        if torch.is_grad_enabled():
+            return _double_backward_ready(ctx, x, weight, bias, mean, var, dy)
+        dx3, dw, db = dispatch(_bwd_op, _bwd_impl, dy.reshape(x3.shape), x3, w, b, mean, var, eps,
+                               training, cl, backend)
+        return (
+            from_layout(dx3, shape) if ctx.needs_input_grad[0] else None,
+            dw.to(weight.dtype).view(weight.shape) if ctx.needs_input_grad[1] else None,
+            db.to(bias.dtype).view(bias.shape) if ctx.needs_input_grad[2] else None,
+        ) + (None,) * 6
+
+
+def _double_backward_ready(ctx, x, weight, bias, mean, var, dy):
+    """First-order gradients from torch's own (twice differentiable) batch_norm."""
+    training, eps = ctx.config[:2]
+    with torch.enable_grad():
+        # the saved tensors themselves where they require grad: the graph then reaches them
+        inputs = [t if t.requires_grad else t.detach().requires_grad_()
+                  for t in (x, weight, bias) if t is not None]
+        it = iter(inputs)
+        xg = next(it)
+        wg = next(it) if weight is not None else None
+        bg = next(it) if bias is not None else None
+        y = F.batch_norm(xg, None if training else mean,
+                         None if training else var, wg, bg, training, 0.0, eps)
+        grads = list(torch.autograd.grad(y, inputs, dy, create_graph=True))
+    dx = grads.pop(0)
+    dw = grads.pop(0) if weight is not None else None
+    db = grads.pop(0) if bias is not None else None
+    return (dx, dw, db) + (None,) * 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks and the public function.
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         momentum: float, count: int) -> None:
+    """running = (1 − momentum)·running + momentum·batch, with the unbiased batch variance."""
+    with torch.no_grad():
+        ct = mean.dtype
+        unbiased = var * (count / (count - 1))  # count > 1: the checks refuse one value
+        for run, new in ((running_mean, mean), (running_var, unbiased)):
+            run.copy_(run.to(ct) * (1.0 - momentum) + new * momentum)
+
+
+def _running_ok(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                training: bool) -> bool:
+    if (running_mean is None) != (running_var is None):
+        return False
+    if running_mean is None:
+        return training
+    c = x.shape[1]
+    return all(
+        isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] == c
+        and not (torch.is_grad_enabled() and t.requires_grad)
+        for t in (running_mean, running_var)
+    )
+
+
+def _args_ok(x, running_mean, running_var, weight, bias, training, momentum, eps) -> bool:
+    if not isinstance(x, Tensor) or x.dim() < 2 or not isinstance(momentum, (int, float)):
+        return False
+    if not isinstance(eps, (int, float)) or eps < 0 or (training and eps <= 0):
+        return False
+    if training:
+        values = x.shape[0]
+        for size in x.shape[2:]:
+            values *= size
+        if values == 1:
+            return False
+    c = x.shape[1]
+    return (
+        _running_ok(x, running_mean, running_var, training)
+        and all(p is None or (isinstance(p, Tensor) and p.numel() == c) for p in (weight, bias))
+        and params_ok(x, weight, bias, running_mean, running_var)
+    )
+
+
+def _replay(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    """torch's batch_norm on the same tensors, so that it raises its own error.
+
+    Not on zero-memory stand-ins: torch's CPU batch_norm takes other paths, with other messages,
+    for expanded tensors. The running statistics go as copies (torch would write them), with
+    requires_grad kept, since under grad mode torch refuses running statistics that need grad.
+    """
+    grad = torch.is_grad_enabled()
+
+    def call():
+        with torch.set_grad_enabled(grad):
+            F.batch_norm(_plain(x), _copy(running_mean), _copy(running_var), _plain(weight),
+                         _plain(bias), training, momentum, eps)
+
+    raise_like_torch(call, "batch_norm")
+
+
+def _plain(t):
+    return t.detach() if isinstance(t, Tensor) else t
+
+
+def _copy(t):
+    return t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``torch.nn.functional.batch_norm`` on fusednorm's kernels.
+
+    Channels-last input gives channels-last output. In training the running statistics, when
+    given, are updated in place with the batch mean and unbiased variance.
+    """
+    if not _args_ok(input, running_mean, running_var, weight, bias, training, momentum, eps):
+        _replay(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    backend = resolve(input)
+    if backend == "torch" or input.numel() == 0:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps)
+    y, mean, var = _BatchNorm.apply(input, weight, bias, running_mean, running_var, training,
+                                    float(eps), True, backend)
+    if training and running_mean is not None:
+        update_running_stats(running_mean, running_var, mean, var, float(momentum),
+                             input.numel() // input.shape[1])
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules: torch's own, with forward on the function above. Constructor, parameters, buffers,
+# state_dict (old checkpoints without num_batches_tracked included) and repr are torch's.
+
+
+class _BatchNormForward:
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        # torch's rule: the running statistics are updated only when tracked and training;
+        # momentum None means a cumulative average over the batches seen.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        # batch statistics in training, and in eval when no running statistics are kept
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        pass_running = not self.training or self.track_running_stats
+        return batch_norm(
+            input,
+            self.running_mean if pass_running else None,
+            self.running_var if pass_running else None,
+            self.weight,
+            self.bias,
+            use_batch,
+            factor,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` on fusednorm's kernels."""
+
+
+class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on fusednorm's kernels; channels_last input stays
+    channels_last."""
+
+
+class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` on fusednorm's kernels."""

@@ -1,0 +1,338 @@
+"""GroupNorm (with an optional fused SiLU) and InstanceNorm, on fusednorm's kernels.
+
+Read top to bottom: backend kernels → torch.library ops (for torch.compile) → autograd →
+argument checks → public functions → modules. InstanceNorm is GroupNorm with one group per
+channel, plus torch's running statistics; in eval with tracked statistics it is a per-channel
+affine map, which is BatchNorm's eval path. The kernels (`cpu/group_norm.py`,
+`triton/group_norm.py`) share the contract written at the top of those files; the input is
+viewed as (N, C, S), channels first or channels innermost (channels_last, kept by the output).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fusednorm._autocast import autocast_cast
+from fusednorm._backend import resolve
+from fusednorm._checks import params_ok, raise_like_torch
+from fusednorm._ops import dispatch
+from fusednorm.batch_norm import (
+    _BatchNorm,
+    _copy,
+    _plain,
+    affine_params,
+    as_ncs,
+    compute_dtype,
+    from_layout,
+    layout_strides,
+    update_running_stats,
+)
+
+ACTIVATIONS = (None, "silu")
+
+
+@functools.cache
+def _kernels(backend: str) -> ModuleType:
+    return importlib.import_module(f"fusednorm.{backend}.group_norm")
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels behind torch.library ops. Eager code calls the *_impl functions directly; compiled
+# graphs see the ops and their fake implementations.
+
+
+def _fwd_impl(x, weight, bias, groups, eps, silu, channels_last, backend):
+    # (the kernels copy x into their layout if it is not in it already)
+    return _kernels(backend).group_norm_fwd(x, weight, bias, groups, eps, silu, channels_last)
+
+
+@torch.library.custom_op("fusednorm::group_norm_fwd", mutates_args=())
+def _fwd_op(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool,
+            channels_last: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _fwd_impl(x, weight, bias, groups, eps, silu, channels_last, backend)
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, groups, eps, silu, channels_last, backend):
+    n = x.shape[0]
+    return (
+        x.new_empty_strided(x.shape, layout_strides(tuple(x.shape), channels_last)),
+        x.new_empty((n, groups), dtype=weight.dtype),
+        x.new_empty((n, groups), dtype=weight.dtype),
+    )
+
+
+def _bwd_impl(dy, x, weight, bias, mean, var, groups, eps, silu, channels_last, backend):
+    return _kernels(backend).group_norm_bwd(dy, x, weight, bias, mean, var, groups, eps, silu,
+                                            channels_last)
+
+
+@torch.library.custom_op("fusednorm::group_norm_bwd", mutates_args=())
+def _bwd_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
+            groups: int, eps: float, silu: bool, channels_last: bool, backend: str
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_impl(dy, x, weight, bias, mean, var, groups, eps, silu, channels_last, backend)
+
+
+@_bwd_op.register_fake
+def _(dy, x, weight, bias, mean, var, groups, eps, silu, channels_last, backend):
+    return (
+        x.new_empty_strided(x.shape, layout_strides(tuple(x.shape), channels_last),
+                            dtype=dy.dtype),
+        weight.new_empty(weight.shape),
+        weight.new_empty(weight.shape),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: our own backward kernels; torch's ops (differentiable twice) when a graph of the
+# backward is asked for (create_graph=True).
+
+
+class _GroupNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, silu, backend):
+        x3, cl = as_ncs(x)
+        w, b = affine_params(weight, bias, x3.shape[1], compute_dtype(x.dtype), x.device)
+        y3, mean, var = dispatch(_fwd_op, _fwd_impl, x3, w, b, groups, eps, silu, cl, backend)
+        ctx.save_for_backward(x, x3, w, b, mean, var, weight, bias)
+        ctx.config = (groups, eps, silu, cl, backend, x.shape)
+        ctx.mark_non_differentiable(mean, var)
+        return from_layout(y3, x.shape), mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, x3, w, b, mean, var, weight, bias = ctx.saved_tensors
+        groups, eps, silu, cl, backend, shape = ctx.config
+        if torch.is_grad_enabled():
+            return _double_backward_ready(ctx, x, weight, bias, dy)
+        dx3, dw, db = dispatch(_bwd_op, _bwd_impl, dy.reshape(x3.shape), x3, w, b, mean, var,
+                               groups, eps, silu, cl, backend)
+        return (
+            from_layout(dx3, shape) if ctx.needs_input_grad[0] else None,
+            dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
+            db.to(bias.dtype) if ctx.needs_input_grad[2] else None,
+        ) + (None,) * 4
+
+
+def _double_backward_ready(ctx, x, weight, bias, dy):
+    """First-order gradients from torch's own group_norm (and silu), differentiable again."""
+    groups, eps, silu = ctx.config[:3]
+    with torch.enable_grad():
+        # the saved tensors themselves where they require grad: the graph then reaches them
+        inputs = [t if t.requires_grad else t.detach().requires_grad_()
+                  for t in (x, weight, bias) if t is not None]
+        it = iter(inputs)
+        xg = next(it)
+        wg = next(it) if weight is not None else None
+        bg = next(it) if bias is not None else None
+        y = F.group_norm(xg, groups, wg, bg, eps)
+        if silu:
+            y = F.silu(y)
+        grads = list(torch.autograd.grad(y, inputs, dy, create_graph=True))
+    dx = grads.pop(0)
+    dw = grads.pop(0) if weight is not None else None
+    db = grads.pop(0) if bias is not None else None
+    return (dx, dw, db) + (None,) * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks and the public functions.
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _channel_vector_ok(p, c: int) -> bool:
+    return p is None or (isinstance(p, Tensor) and p.dim() == 1 and p.shape[0] == c)
+
+
+def _group_norm_ok(x, num_groups, weight, bias, eps) -> bool:
+    if not isinstance(x, Tensor) or x.dim() < 2 or not isinstance(eps, (int, float)):
+        return False
+    n, c = x.shape[0], x.shape[1]
+    if not _is_int(num_groups) or num_groups <= 0 or c % num_groups:
+        return False
+    values = n * c // num_groups  # torch's "more than 1 value per channel" count
+    for size in x.shape[2:]:
+        values *= size
+    return (values != 1 and _channel_vector_ok(weight, c) and _channel_vector_ok(bias, c)
+            and params_ok(x, weight, bias))
+
+
+def _silu_flag(activation: str | None) -> bool:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation == "silu"
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    activation: str | None = None,
+) -> Tensor:
+    """``torch.nn.functional.group_norm`` on fusednorm's kernels.
+
+    ``activation="silu"`` returns ``silu(group_norm(input))`` from the same pass (computed in
+    float32 before the output is rounded). Channels-last input gives channels-last output.
+    """
+    silu = _silu_flag(activation)
+    input, weight, bias = autocast_cast("group_norm", input, weight, bias)
+    if not _group_norm_ok(input, num_groups, weight, bias, eps):
+        # on the same tensors (see batch_norm's `_replay` for why not on stand-ins)
+        raise_like_torch(
+            lambda: F.group_norm(_plain(input), num_groups, _plain(weight), _plain(bias), eps),
+            "group_norm",
+        )
+    backend = resolve(input)
+    if backend == "torch" or input.numel() == 0:
+        y = F.group_norm(input, num_groups, weight, bias, eps)
+        return F.silu(y) if silu else y
+    y, _, _ = _GroupNorm.apply(input, weight, bias, num_groups, float(eps), silu, backend)
+    return y
+
+
+def _running_ok(t, c: int) -> bool:
+    return (isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] == c
+            and t.is_floating_point() and not (torch.is_grad_enabled() and t.requires_grad))
+
+
+def _instance_norm_ok(x, running_mean, running_var, weight, bias, use_input_stats, momentum,
+                      eps) -> bool:
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        return False
+    if not isinstance(momentum, (int, float)) or not isinstance(eps, (int, float)):
+        return False
+    if use_input_stats:
+        spatial = 1
+        for size in x.shape[2:]:
+            spatial *= size
+        if spatial == 1:
+            return False
+    if (running_mean is None) != (running_var is None):
+        return False
+    c = x.shape[1]
+    if running_mean is None:
+        if not use_input_stats:
+            return False
+    elif not (_running_ok(running_mean, c) and _running_ok(running_var, c)
+              and running_mean.device == x.device and running_var.device == x.device):
+        return False
+    return (_channel_vector_ok(weight, c) and _channel_vector_ok(bias, c)
+            and params_ok(x, weight, bias))
+
+
+def _replay_instance_norm(x, running_mean, running_var, weight, bias, use_input_stats,
+                          momentum, eps):
+    """torch's instance_norm on the same tensors (see batch_norm's `_replay` for why)."""
+    grad = torch.is_grad_enabled()
+
+    def call():
+        with torch.set_grad_enabled(grad):
+            F.instance_norm(_plain(x), _copy(running_mean), _copy(running_var), _plain(weight),
+                            _plain(bias), use_input_stats, momentum, eps)
+
+    raise_like_torch(call, "instance_norm")
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``torch.nn.functional.instance_norm`` on fusednorm's kernels.
+
+    With ``use_input_stats`` each (sample, channel) is normalized by its own statistics and
+    the running statistics, when given, move towards their mean over the batch (unbiased
+    variance); otherwise the running statistics normalize. Channels-last input gives
+    channels-last output (torch's own returns a contiguous tensor).
+    """
+    if not _instance_norm_ok(input, running_mean, running_var, weight, bias, use_input_stats,
+                             momentum, eps):
+        _replay_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
+                              momentum, eps)
+    backend = resolve(input)
+    if backend == "torch" or input.numel() == 0:
+        return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
+                               momentum, eps)
+    if not use_input_stats:
+        y, _, _ = _BatchNorm.apply(input, weight, bias, running_mean, running_var, False,
+                                   float(eps), True, backend)
+        return y
+    c = input.shape[1]
+    y, mean, var = _GroupNorm.apply(input, weight, bias, c, float(eps), False, backend)
+    if running_mean is not None:
+        # torch updates a copy per sample, then averages the copies over the batch
+        update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0),
+                             float(momentum), input.numel() // (input.shape[0] * c))
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules: torch's own with the computation swapped. Constructor, parameters, buffers,
+# state_dict, input checks (unbatched InstanceNorm input included) and repr are torch's.
+
+
+class GroupNorm(torch.nn.GroupNorm):
+    """``torch.nn.GroupNorm`` on fusednorm's kernels; ``activation="silu"`` fuses a SiLU."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
+                 affine: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 activation: str | None = None) -> None:
+        _silu_flag(activation)
+        # bias=True is passed implicitly, so that a torch without the keyword works too
+        extra = {} if bias else {"bias": False}
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, **extra)
+        self.activation = activation
+
+    def forward(self, input: Tensor) -> Tensor:
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
+                          activation=self.activation)
+
+    def extra_repr(self) -> str:
+        extra = f", activation={self.activation!r}" if self.activation else ""
+        return super().extra_repr() + extra
+
+
+class _InstanceNormApply:
+    # torch's _InstanceNorm.forward checks the input and unsqueezes unbatched input, then calls
+    # this with torch's own arguments.
+    def _apply_instance_norm(self, input: Tensor) -> Tensor:
+        return instance_norm(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
+
+
+class InstanceNorm1d(_InstanceNormApply, torch.nn.InstanceNorm1d):
+    """``torch.nn.InstanceNorm1d`` on fusednorm's kernels."""
+
+
+class InstanceNorm2d(_InstanceNormApply, torch.nn.InstanceNorm2d):
+    """``torch.nn.InstanceNorm2d`` on fusednorm's kernels."""
+
+
+class InstanceNorm3d(_InstanceNormApply, torch.nn.InstanceNorm3d):
+    """``torch.nn.InstanceNorm3d`` on fusednorm's kernels."""

@@ -1,0 +1,436 @@
+"""fusednorm.group_norm and GroupNorm against torch and the float64 reference: values, every
+gradient, channels_last, the fused SiLU, errors, modules, determinism and torch.compile.
+
+The shapes are the issue's: (1, 256, 1, 1) with 32 groups (8 channels of one position each), and
+(20, 6, 10, 10) with 1 (LayerNorm-like), 3 and 6 (InstanceNorm-like) groups; plus every rank
+(2-D to 5-D), channels_last, and a Triton tiling shrunk so that samples span several chunks.
+Triton runs interpreted in CI, hence its smaller shapes.
+"""
+
+import importlib
+
+import numba
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import BACKENDS, assert_close_to_ref, device_for, randn
+
+import fusednorm
+from fusednorm.group_norm import GroupNorm, InstanceNorm2d, group_norm
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def group_norm_ref(x, groups, weight=None, bias=None, eps=1e-5, activation=None):
+    """float64 GroupNorm (optionally followed by SiLU) in plain tensor arithmetic."""
+    x = x.double()
+    n, c = x.shape[:2]
+    xg = x.reshape(n, groups, -1)
+    mean = xg.mean(-1, keepdim=True)
+    var = ((xg - mean) ** 2).mean(-1, keepdim=True)
+    y = ((xg - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.double().reshape(shape)
+    if bias is not None:
+        y = y + bias.double().reshape(shape)
+    if activation == "silu":
+        y = y / (1 + torch.exp(-y))
+    return y
+
+
+def torch_group_norm(x, groups, weight, bias, eps, activation=None):
+    if weight is None and bias is not None:
+        # torch 2.13's CPU backward fails for a bias without weight ("tensor does not have a
+        # device"): add the bias outside
+        y = F.group_norm(x, groups, None, None, eps) + bias.view((1, -1) + (1,) * (x.dim() - 2))
+    else:
+        y = F.group_norm(x, groups, weight, bias, eps)
+    return F.silu(y) if activation == "silu" else y
+
+
+def run_all(x, groups, weight, bias, eps=1e-5, backend="cpu", activation=None):
+    """(y, grads) for ours, torch and the float64 reference on the same inputs and dy."""
+    dy = torch.randn(x.shape, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    results = []
+    for who in ("ours", "torch", "ref"):
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None
+                  for t in (x, weight, bias)]
+        if who == "ours":
+            with fusednorm.use_backend(backend):
+                y = group_norm(leaves[0], groups, leaves[1], leaves[2], eps,
+                               activation=activation)
+        elif who == "torch":
+            y = torch_group_norm(*leaves[:1], groups, *leaves[1:], eps, activation)
+        else:
+            y = group_norm_ref(leaves[0], groups, leaves[1], leaves[2], eps, activation)
+        grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dy.to(y.dtype))
+        it = iter(grads)
+        results.append((y.detach(), [next(it) if t is not None else None for t in leaves]))
+    return results
+
+
+def check(x, groups, weight=None, bias=None, eps=1e-5, backend="cpu", activation=None):
+    (y, g), (yt, gt), (yr, gr) = run_all(x, groups, weight, bias, eps, backend, activation)
+    assert y.dtype == yt.dtype and y.shape == yt.shape
+    assert_close_to_ref(y, yt, yr, x.dtype, what="y")
+    for name, a, b, r in zip(("dx", "dweight", "dbias"), g, gt, gr):
+        if r is None:
+            assert a is None
+            continue
+        assert a.dtype == b.dtype, name
+        assert_close_to_ref(a, b, r, what=name)
+    return y
+
+
+# CPU: the issue's shapes in every dtype and both layouts.
+CPU_CASES = [((1, 256, 1, 1), 32), ((20, 6, 10, 10), 1), ((20, 6, 10, 10), 3),
+             ((20, 6, 10, 10), 6), ((3, 64, 70, 70), 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,groups", CPU_CASES)
+def test_issue_shapes_cpu(shape, groups, channels_last, dtype):
+    x = randn(*shape, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    c = shape[1]
+    y = check(x, groups, randn(c, dtype=dtype), randn(c, dtype=dtype))
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last
+                           else torch.contiguous_format)
+
+
+# Triton (interpreted in CI): small shapes; both layouts, every dtype.
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,groups", [((1, 256, 1, 1), 32), ((3, 6, 5, 4), 3)])
+def test_issue_shapes_triton(shape, groups, channels_last, dtype):
+    dev = device_for("triton")
+    x = randn(*shape, dtype=dtype, device=dev)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    c = shape[1]
+    check(x, groups, randn(c, dtype=dtype, device=dev), randn(c, dtype=dtype, device=dev),
+          backend="triton")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_triton_several_chunks_per_sample(monkeypatch, channels_last):
+    """Tiles of 64 elements, 2 per chunk: each sample spans several chunks and channel blocks,
+    which the merge kernels must combine (as on a GPU with realistic shapes)."""
+    kernels = importlib.import_module("fusednorm.triton.group_norm")
+
+    monkeypatch.setattr(kernels, "TILE", 64)
+    monkeypatch.setattr(kernels, "TILES_PER_CHUNK", 2)
+    monkeypatch.setattr(kernels, "MERGE_BLOCK", 2)
+    dev = device_for("triton")
+    x = randn(2, 12, 15, 10, dtype=torch.float32, device=dev, mean=3.0)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    assert kernels.tiling(12, 150, channels_last)[3] > 1
+    check(x, 3, randn(12, device=dev), randn(12, device=dev), backend="triton",
+          activation="silu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(4, 6), (3, 6, 7), (2, 6, 3, 2, 4)], ids=str)
+def test_other_ranks(backend, shape):
+    dev = device_for(backend)
+    check(randn(*shape, device=dev), 2, randn(6, device=dev), randn(6, device=dev),
+          backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("affine", ["w", "b", "none"])
+def test_affine_combinations(backend, affine):
+    dev = device_for(backend)
+    w = randn(6, device=dev) if "w" in affine else None
+    b = randn(6, device=dev) if "b" in affine else None
+    check(randn(3, 6, 4, 5, device=dev), 3, w, b, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_input_float32_params(backend, dtype):
+    dev = device_for(backend)
+    (y, g), (yt, gt), (yr, gr) = run_all(randn(3, 6, 4, 5, dtype=dtype, device=dev), 3,
+                                         randn(6, device=dev), randn(6, device=dev),
+                                         backend=backend)
+    assert y.dtype == yt.dtype == dtype and g[1].dtype == gt[1].dtype == torch.float32
+    assert_close_to_ref(y, yt, yr, dtype, what="y")
+    for a, b, r in zip(g, gt, gr):
+        assert_close_to_ref(a, b, r)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fused_silu(backend, dtype, channels_last):
+    dev = device_for(backend)
+    x = randn(3, 8, 5, 6, dtype=dtype, device=dev)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    check(x, 4, randn(8, dtype=dtype, device=dev), randn(8, dtype=dtype, device=dev),
+          backend=backend, activation="silu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_mean_is_stable(dtype):
+    # mean 1e4 with unit spread: E[x²] − E[x]² would lose every digit in float32
+    x = randn(2, 8, 16, 16, dtype=torch.float32, mean=1e4).to(dtype)
+    check(x, 2, randn(8), randn(8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_input_and_dy(backend):
+    dev = device_for(backend)
+    x = randn(3, 6, 8, 10, device=dev)[:, :, ::2, 1:]  # neither layout: copied once
+    check(x, 3, randn(6, device=dev), randn(6, device=dev), backend=backend)
+
+
+def test_torch_backend_is_torch():
+    x = randn(2, 6, 5)
+    with fusednorm.use_backend("torch"):
+        y = group_norm(x, 3, activation="silu")
+    assert torch.equal(y, F.silu(F.group_norm(x, 3)))
+
+
+def test_transposed_input_reads_channels_innermost():
+    x = randn(4, 10, 6).transpose(1, 2)  # (N, C, L) with channels innermost
+    check(x, 3, randn(6), randn(6))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_inf_like_torch(backend):
+    dev = device_for(backend)
+    x = randn(2, 4, 3, 3, device=dev)
+    x[0, 0, 1, 1] = float("nan")
+    x[1, 3, 0, 0] = float("inf")
+    with fusednorm.use_backend(backend):
+        y = group_norm(x, 2)
+    assert torch.equal(y.isnan(), F.group_norm(x, 2).isnan())
+    assert y[0, 2:].isfinite().all() and y[1, :2].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 6, 3, 3), (2, 6, 0), (2, 0, 3)], ids=str)
+def test_empty_inputs_like_torch(backend, shape):
+    dev = device_for(backend)
+    groups = 3 if shape[1] else 1
+    x, w, b = randn(*shape, device=dev), randn(shape[1], device=dev), randn(shape[1], device=dev)
+    results = []
+    for fn in (group_norm, F.group_norm):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        with fusednorm.use_backend(backend):
+            y = fn(leaves[0], groups, leaves[1], leaves[2])
+        y.sum().backward()
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for a, b_ in zip(*results):  # (torch's dweight is NaN when there are no positions)
+        torch.testing.assert_close(a, b_, equal_nan=True)
+
+
+# --- errors: exactly torch's ------------------------------------------------------------------
+
+
+def assert_same_error(ours, theirs):
+    with pytest.raises(Exception) as expected:
+        theirs()
+    with pytest.raises(type(expected.value)) as got:
+        ours()
+    assert str(got.value) == str(expected.value)
+
+
+ERROR_CASES = {
+    "channels not divisible": lambda f: f(randn(2, 6, 3), 4),
+    "one value per group": lambda f: f(randn(1, 32, 1, 1), 32),
+    "one value per group 2-D": lambda f: f(randn(1, 6), 6),
+    "1-D input": lambda f: f(randn(6), 3),
+    "zero groups": lambda f: f(randn(2, 6, 3), 0),
+    "negative groups": lambda f: f(randn(2, 6, 3), -1),
+    "weight size": lambda f: f(randn(2, 6, 3), 3, randn(5)),
+    "weight rank": lambda f: f(randn(2, 6, 3), 3, randn(6, 1)),
+    "bias size": lambda f: f(randn(2, 6, 3), 3, None, randn(7)),
+    "integer input": lambda f: f(torch.ones(2, 6, 3, dtype=torch.int32), 3),
+    "float64 weight": lambda f: f(randn(2, 6, 3), 3, randn(6, dtype=torch.float64)),
+    "float32 weight, float64 input": lambda f: f(randn(2, 6, 3, dtype=torch.float64), 3,
+                                                 randn(6)),
+    "bfloat16 weight, float16 input": lambda f: f(randn(2, 6, 3, dtype=torch.float16), 3,
+                                                  randn(6, dtype=torch.bfloat16)),
+}
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_errors_match_torch(case):
+    assert_same_error(lambda: ERROR_CASES[case](group_norm),
+                      lambda: ERROR_CASES[case](F.group_norm))
+
+
+def test_module_errors_match_torch():
+    assert_same_error(lambda: GroupNorm(4, 6), lambda: torch.nn.GroupNorm(4, 6))
+    with pytest.raises(ValueError, match="activation"):
+        GroupNorm(2, 6, activation="relu")
+    with pytest.raises(ValueError, match="activation"):
+        group_norm(randn(2, 6, 3), 3, activation="gelu")
+
+
+# --- modules ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_module_matches_torch_module(affine, bias):
+    ours, theirs = GroupNorm(3, 6, affine=affine, bias=bias), torch.nn.GroupNorm(3, 6, affine=affine, bias=bias)
+    assert repr(ours) == repr(theirs)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    if affine:
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.copy_(randn(*p.shape))
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = randn(4, 6, 5, 5)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_module_with_silu():
+    m = GroupNorm(2, 8, activation="silu")
+    assert repr(m) == "GroupNorm(2, 8, eps=1e-05, affine=True, bias=True, activation='silu')"
+    with torch.no_grad():
+        m.weight.copy_(randn(8))
+        m.bias.copy_(randn(8))
+    x = randn(3, 8, 4, 4)
+    yr = group_norm_ref(x, 2, m.weight.detach(), m.bias.detach(), activation="silu")
+    assert_close_to_ref(m(x).detach(), F.silu(F.group_norm(x, 2, m.weight, m.bias)).detach(), yr)
+    # state_dict is torch's: the activation is configuration, not state
+    plain = torch.nn.GroupNorm(2, 8)
+    plain.load_state_dict(m.state_dict())
+
+
+def test_module_dtype_and_device_arguments():
+    m = GroupNorm(2, 4, dtype=torch.float64)
+    assert m.weight.dtype == torch.float64
+    assert m(randn(2, 4, 3, dtype=torch.float64)).dtype == torch.float64
+
+
+# --- autograd -----------------------------------------------------------------------------------
+
+
+def test_gradcheck_and_gradgradcheck():
+    x = randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    w = randn(4, dtype=torch.float64, requires_grad=True)
+    b = randn(4, dtype=torch.float64, requires_grad=True)
+    for activation in (None, "silu"):
+        def fn(x, w, b, activation=activation):
+            return group_norm(x, 2, w, b, activation=activation)
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+        assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_backward_runs_our_kernel():
+    x = randn(2, 4, 3, requires_grad=True)
+    y = group_norm(x, 2)
+    assert type(y.grad_fn).__name__ == "_GroupNormBackward"
+
+
+# --- determinism --------------------------------------------------------------------------------
+
+
+def _outputs(backend, x, w, b, activation=None):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    with fusednorm.use_backend(backend):
+        y = group_norm(leaves[0], 4, leaves[1], leaves[2], activation=activation)
+    grads = torch.autograd.grad(y, leaves, torch.ones_like(y) * torch.linspace(-1, 1, y.numel(),
+                                                                              device=y.device
+                                                                              ).view(y.shape))
+    return [y.detach(), *grads]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_determinism_bitwise(backend, channels_last):
+    dev = device_for(backend)
+    x = randn(3, 8, 6, 5, device=dev)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = randn(8, device=dev), randn(8, device=dev)
+    first = _outputs(backend, x, w, b, "silu")
+    for a, b_ in zip(first, _outputs(backend, x, w, b, "silu")):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_cpu_result_does_not_depend_on_thread_count(channels_last, activation):
+    """One thread against all: with 3 samples channels-last input also switches between the
+    per-sample and the per-block kernels (on 2+ threads), which must agree bitwise."""
+    x = randn(3, 16, 40, 40)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = randn(16), randn(16)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = _outputs("cpu", x, w, b, activation)
+    finally:
+        numba.set_num_threads(threads)
+    for a, b_ in zip(one, _outputs("cpu", x, w, b, activation)):
+        assert torch.equal(a, b_)
+
+
+def test_fused_silu_large_group_cpu():
+    # a group above the size whose silu'(z) the backward keeps between its sweeps
+    x = randn(2, 4, 200, 200, mean=0.5)
+    check(x, 1, randn(4), randn(4), activation="silu")
+
+
+# --- torch.compile and the registered ops -------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    gn = importlib.import_module("fusednorm.group_norm")  # the module, not the function
+
+    dev = device_for(backend)
+    for channels_last, x3 in ((False, randn(2, 6, 5, device=dev)),
+                              (True, randn(2, 5, 6, device=dev).transpose(1, 2))):
+        w, b = randn(6, device=dev), randn(6, device=dev)
+        args = (x3, w, b, 3, 1e-5, True, channels_last, backend)
+        torch.library.opcheck(gn._fwd_op, args)
+        y, mean, var = gn._fwd_op(*args)
+        torch.library.opcheck(gn._bwd_op, (torch.randn_like(y), x3, w, b, mean, var, 3, 1e-5,
+                                           True, channels_last, backend))
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.norm = GroupNorm(4, 8, activation="silu")
+        self.inorm = InstanceNorm2d(8, affine=True, track_running_stats=True)
+
+    def forward(self, x):
+        return self.inorm(self.norm(self.conv(x))) + x
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_matches_eager(compiler):
+    torch._dynamo.reset()
+    model = Block()
+    x = randn(2, 8, 6, 6, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    outs = []
+    for fn in (model, compiled):
+        model.inorm.reset_running_stats()
+        for t in [x, *model.parameters()]:
+            t.grad = None
+        y = fn(x)
+        y.square().sum().backward()
+        outs.append([y.detach()] + [t.grad.clone() for t in [x, *model.parameters()]]
+                    + [model.inorm.running_mean.clone(), model.inorm.running_var.clone()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

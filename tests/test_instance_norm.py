@@ -1,0 +1,232 @@
+"""fusednorm.instance_norm and InstanceNorm1d/2d/3d against torch and the float64 reference:
+values and gradients, running statistics (train, eval, momentum None), unbatched input, errors
+and state_dict compatibility.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import BACKENDS, assert_close_to_ref, device_for, randn
+
+import fusednorm
+from fusednorm.group_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, instance_norm
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+MODULES = {1: (InstanceNorm1d, torch.nn.InstanceNorm1d),
+           2: (InstanceNorm2d, torch.nn.InstanceNorm2d),
+           3: (InstanceNorm3d, torch.nn.InstanceNorm3d)}
+
+
+def instance_norm_ref(x, running_mean=None, running_var=None, weight=None, bias=None,
+                      use_input_stats=True, momentum=0.1, eps=1e-5):
+    """float64 InstanceNorm in plain arithmetic; returns (y, new running mean, new running var)
+    (the running statistics unchanged when not updated)."""
+    x = x.double()
+    n, c = x.shape[:2]
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    xs = x.reshape(n, c, -1)
+    new_mean, new_var = running_mean, running_var
+    if use_input_stats:
+        mean = xs.mean(-1, keepdim=True)
+        var = ((xs - mean) ** 2).mean(-1, keepdim=True)
+        y = ((xs - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+        if running_mean is not None:
+            s = xs.shape[-1]
+            new_mean = (1 - momentum) * running_mean.double() + momentum * mean.mean(0).view(c)
+            new_var = ((1 - momentum) * running_var.double()
+                       + momentum * (var * s / (s - 1)).mean(0).view(c))
+    else:
+        y = (x - running_mean.double().view(shape)) / torch.sqrt(
+            running_var.double().view(shape) + eps)
+    if weight is not None:
+        y = y * weight.double().view(shape)
+    if bias is not None:
+        y = y + bias.double().view(shape)
+    return y, new_mean, new_var
+
+
+def run_all(x, weight, bias, backend, running=None, use_input_stats=True, momentum=0.1):
+    """[(y, grads, running_mean, running_var)] for ours, torch and the reference."""
+    dy = torch.randn(x.shape, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
+    out = []
+    for who in ("ours", "torch", "ref"):
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None
+                  for t in (x, weight, bias)]
+        rm, rv = (None, None) if running is None else (running[0].clone(), running[1].clone())
+        args = (leaves[0], rm, rv, leaves[1], leaves[2], use_input_stats, momentum, 1e-5)
+        if who == "ours":
+            with fusednorm.use_backend(backend):
+                y = instance_norm(*args)
+        elif who == "torch":
+            y = F.instance_norm(*args)
+        else:
+            y, rm, rv = instance_norm_ref(*args)
+        present = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(y, present, dy.to(y.dtype)))
+        out.append((y.detach(), [next(grads) if t is not None else None for t in leaves], rm, rv))
+    return out
+
+
+def check(x, weight=None, bias=None, backend="cpu", running=None, use_input_stats=True,
+          momentum=0.1):
+    (y, g, rm, rv), (yt, gt, rmt, rvt), (yr, gr, rmr, rvr) = run_all(
+        x, weight, bias, backend, running, use_input_stats, momentum)
+    assert y.dtype == yt.dtype and y.shape == yt.shape
+    assert_close_to_ref(y, yt, yr, x.dtype, what="y")
+    for name, a, b, r in zip(("dx", "dweight", "dbias"), g, gt, gr):
+        if r is not None:
+            assert a.dtype == b.dtype
+            assert_close_to_ref(a, b, r, what=name)
+    if running is not None:
+        assert rm.dtype == running[0].dtype
+        assert_close_to_ref(rm, rmt, rmr, what="running_mean")
+        assert_close_to_ref(rv, rvt, rvr, what="running_var")
+    return y
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_values_gradients_running_stats(backend, dtype, channels_last):
+    dev = device_for(backend)
+    x = randn(3, 6, 5, 4, dtype=dtype, device=dev, mean=0.5)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    running = (randn(6, dtype=ct, device=dev), randn(6, dtype=ct, device=dev).abs() + 0.5)
+    w, b = randn(6, dtype=dtype, device=dev), randn(6, dtype=dtype, device=dev)
+    y = check(x, w, b, backend, running)
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    # eval with tracked statistics: the running statistics normalize
+    check(x, w, b, backend, running, use_input_stats=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(4, 6, 9), (2, 6, 3, 2, 4)], ids=str)
+def test_other_ranks(backend, shape):
+    dev = device_for(backend)
+    check(randn(*shape, device=dev), randn(6, device=dev), None, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("running_dtype", [torch.float64, torch.float16], ids=str)
+def test_running_stats_of_another_dtype(backend, running_dtype):
+    # torch accepts running statistics of any float dtype here (unlike batch_norm)
+    dev = device_for(backend)
+    running = (randn(6, dtype=running_dtype, device=dev),
+               randn(6, dtype=running_dtype, device=dev).abs() + 0.5)
+    x = randn(3, 6, 7, device=dev)
+    check(x, None, None, backend, running)
+    check(x, None, None, backend, running, use_input_stats=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 6, 4), (2, 0, 4), (2, 6, 0)], ids=str)
+def test_empty_batches(backend, shape):
+    dev = device_for(backend)
+    rm, rv = torch.zeros(shape[1], device=dev), torch.ones(shape[1], device=dev)
+    x = randn(*shape, device=dev, requires_grad=True)
+    with fusednorm.use_backend(backend):
+        y = instance_norm(x, rm, rv)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+# --- modules ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_module_train_eval_like_torch(dims, momentum):
+    ours_cls, torch_cls = MODULES[dims]
+    ours = ours_cls(4, affine=True, track_running_stats=True, momentum=momentum)
+    theirs = torch_cls(4, affine=True, track_running_stats=True, momentum=momentum)
+    assert repr(ours) == repr(theirs)
+    with torch.no_grad():
+        ours.weight.copy_(randn(4))
+        ours.bias.copy_(randn(4))
+    theirs.load_state_dict(ours.state_dict())
+    shape = (3, 4) + (5,) * dims
+    for step in range(3):
+        x = randn(*shape, mean=step, std=step + 1)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name))
+    ours.eval()
+    theirs.eval()
+    x = randn(*shape)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    # unbatched input (C, *spatial)
+    torch.testing.assert_close(ours(x[0]), theirs(x[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_module_default_is_stateless_and_eval_uses_instance_stats():
+    ours, theirs = InstanceNorm2d(3), torch.nn.InstanceNorm2d(3)
+    assert ours.running_mean is None and repr(ours) == repr(theirs)
+    ours.eval()
+    theirs.eval()
+    x = randn(2, 3, 4, 4)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(x[1]), theirs(x[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_round_trip_both_ways():
+    ours = InstanceNorm1d(5, affine=True, track_running_stats=True)
+    theirs = torch.nn.InstanceNorm1d(5, affine=True, track_running_stats=True)
+    theirs(randn(2, 5, 6))  # running stats move away from their initial values
+    ours.load_state_dict(theirs.state_dict())
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v)
+    ours(randn(2, 5, 6))
+    theirs.load_state_dict(ours.state_dict())
+    for k, v in ours.state_dict().items():
+        assert torch.equal(theirs.state_dict()[k], v)
+
+
+def test_torch_still_routes_modules_through_apply_instance_norm():
+    """Our modules override torch's private _apply_instance_norm; if torch renames it, fail
+    loudly instead of silently running torch's kernels."""
+    assert hasattr(torch.nn.modules.instancenorm._InstanceNorm, "_apply_instance_norm")
+    m = InstanceNorm2d(3)
+    x = randn(2, 3, 4, 4, requires_grad=True)
+    assert type(m(x).grad_fn).__name__ == "_GroupNormBackward"
+
+
+def test_module_errors_match_torch():
+    ours, theirs = InstanceNorm2d(3, affine=True), torch.nn.InstanceNorm2d(3, affine=True)
+    for bad in (randn(2, 4, 5, 5), randn(2, 3, 5)):
+        with pytest.raises(ValueError) as expected:
+            theirs(bad)
+        with pytest.raises(ValueError) as got:
+            ours(bad)
+        assert str(got.value) == str(expected.value)
+    with pytest.warns(UserWarning, match="does not match num_features"):
+        InstanceNorm2d(3)(randn(2, 4, 5, 5))
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+ERROR_CASES = {
+    "one spatial element": lambda f: f(randn(2, 6, 1)),
+    "2-D input in training": lambda f: f(randn(2, 6)),
+    "eval without running stats": lambda f: f(randn(2, 6, 4), use_input_stats=False),
+    "only running_mean": lambda f: f(randn(2, 6, 4), torch.zeros(6)),
+    "running stats size": lambda f: f(randn(2, 6, 4), torch.zeros(5), torch.ones(5)),
+    "weight rank": lambda f: f(randn(2, 6, 4), weight=randn(6, 1)),
+    "weight dtype": lambda f: f(randn(2, 6, 4), weight=randn(6, dtype=torch.float64)),
+    "momentum None": lambda f: f(randn(2, 6, 4), torch.zeros(6), torch.ones(6), momentum=None),
+    "running stats requiring grad": lambda f: f(randn(2, 6, 4),
+                                                torch.zeros(6, requires_grad=True),
+                                                torch.ones(6)),
+}
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_errors_match_torch(case):
+    with pytest.raises(Exception) as expected:
+        ERROR_CASES[case](F.instance_norm)
+    with pytest.raises(type(expected.value)) as got:
+        ERROR_CASES[case](instance_norm)
+    assert str(got.value) == str(expected.value)
