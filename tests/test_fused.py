@@ -201,3 +201,15 @@ def test_pre_ln_block_trains_like_unfused():
             opt.step()
     for (name, p), q in zip(fused.named_parameters(), unfused.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_leaf_gradients_of_x_and_residual_do_not_share_memory():
+    # without dropout dresidual equals dx; the backward hands one tensor to both only when
+    # that cannot make two .grad attributes share memory
+    x, r = randn(4, 32, requires_grad=True), randn(4, 32, requires_grad=True)
+    y, h = fusednorm.layer_norm(x, (32,), residual=r)
+    (y * randn(4, 32)).sum().backward()
+    assert torch.equal(x.grad, r.grad)
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    x.grad.zero_()
+    assert r.grad.abs().sum() > 0

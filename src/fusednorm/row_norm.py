@@ -168,12 +168,13 @@ class _Saved(NamedTuple):
     backend: str
     has_residual: bool
     has_h: bool
+    alias_ok: bool
 
 
 class _RowNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, is_rms, zero_centered, dropout_p, seed,
-                out_dtype, residual_dtype, xhat_dtype, memory_efficient, backend):
+                out_dtype, residual_dtype, xhat_dtype, memory_efficient, backend, alias_ok):
         y, h, mean, rstd = dispatch(
             _fwd_op, _fwd_impl, x, weight, bias, residual, eps, is_rms, zero_centered,
             dropout_p, seed, out_dtype, residual_dtype, xhat_dtype, backend,
@@ -184,7 +185,7 @@ class _RowNorm(torch.autograd.Function):
         ctx.save_for_backward(saved, weight, bias, mean, rstd)
         ctx.config = _Saved(eps, is_rms, zero_centered, dropout_p, seed, x.dtype, out_dtype,
                             residual_dtype, xhat_dtype, memory_efficient, backend,
-                            residual is not None, has_h)
+                            residual is not None, has_h, alias_ok)
         ctx.set_materialize_grads(False)
         if not has_h:
             ctx.mark_non_differentiable(h)
@@ -204,14 +205,20 @@ class _RowNorm(torch.autograd.Function):
         if dh_out is not None:
             dh_out = dh_out.contiguous()
         need_w = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        # Without dropout and with one dtype, dresidual is dx: write it once and hand the same
+        # tensor to both inputs, as the backward of torch's add does.
+        same = (c.has_residual and c.dropout_p == 0 and c.residual_dtype == c.x_dtype
+                and c.alias_ok)
         dx, dres, dw, db = dispatch(
             _bwd_op, _bwd_impl, dy, saved, weight, bias, mean, rstd, dh_out, c.eps, c.is_rms,
-            c.zero_centered, c.dropout_p, c.seed, c.has_residual, c.x_dtype, c.residual_dtype,
-            need_w, c.memory_efficient, c.backend,
+            c.zero_centered, c.dropout_p, c.seed, c.has_residual and not same, c.x_dtype,
+            c.residual_dtype, need_w, c.memory_efficient, c.backend,
         )
+        if same:
+            dres = dx
         return (dx, dres if c.has_residual else None,
                 dw if weight is not None and need_w else None,
-                db if bias is not None and need_w else None) + (None,) * 10
+                db if bias is not None and need_w else None) + (None,) * 11
 
 
 def _double_backward_ready(c, x, weight, bias, dy):
@@ -235,7 +242,7 @@ def _double_backward_ready(c, x, weight, bias, dy):
     dx = next(it)
     dw = next(it) if weight is not None else None
     db = next(it) if bias is not None else None
-    return (dx, None, dw, db) + (None,) * 10
+    return (dx, None, dw, db) + (None,) * 11
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,10 +299,22 @@ def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, resid
         weight.reshape(n) if weight is not None else None,
         bias.reshape(n) if bias is not None else None,
         eps, is_rms, zero_centered, dropout_p, seed, out_dtype, residual_dtype, xhat_dtype,
-        memory_efficient, backend,
+        memory_efficient, backend, residual is not None and _grads_may_alias(x, residual),
     )
     y = y.view(x.shape)
     return (y, h.view(x.shape)) if fused else y
+
+
+def _grads_may_alias(x: Tensor, residual: Tensor) -> bool:
+    """Whether x and the residual may receive the very same gradient tensor: not when both end
+    at leaves, whose .grad would then share memory (AccumulateGrad keeps what it is given)."""
+    if torch.compiler.is_compiling():
+        return False
+
+    def leaf(t):
+        return t.requires_grad and (t.is_leaf or (t._base is not None and t._base.is_leaf))
+
+    return not (leaf(x) and leaf(residual))
 
 
 def draw_seed() -> int | Tensor:
