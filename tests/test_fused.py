@@ -207,7 +207,7 @@ def test_leaf_gradients_of_x_and_residual_do_not_share_memory():
     # without dropout dresidual equals dx; the backward hands one tensor to both only when
     # that cannot make two .grad attributes share memory
     x, r = randn(4, 32, requires_grad=True), randn(4, 32, requires_grad=True)
-    y, h = fusednorm.layer_norm(x, (32,), residual=r)
+    y, _h = fusednorm.layer_norm(x, (32,), residual=r)
     (y * randn(4, 32)).sum().backward()
     assert torch.equal(x.grad, r.grad)
     assert x.grad.data_ptr() != r.grad.data_ptr()
