@@ -57,6 +57,7 @@ _REDUCE = {"reassoc", "contract", "arcp"}
 _FMA = {"contract"}  # elementwise loops: fused multiply-adds, no reordering
 _XHAT_F32 = 3  # xhat rounding codes: 0 none, BF16, F16, or this (float32, for float64 compute)
 _MAX_BLOCKS = 64  # row blocks of the backward: the weight-gradient partial rows
+_PARTIAL_ELEMENTS = 1 << 18  # ... and the elements of those partial rows, beyond 8 blocks
 
 # Philox-4x32-10 constants, as in Triton's tl.rand (so the two backends draw the same mask).
 _ROUND_A, _ROUND_B = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
@@ -749,7 +750,9 @@ def norm_bwd(
         dw = torch.zeros(n, dtype=ct) if need_dw else None  # the gradients of no rows
         db = torch.zeros(n, dtype=ct) if need_db else None
     else:
-        nblocks = min(m, _MAX_BLOCKS)  # depends on M only: the weight gradients' summation order
+        # depends on M and N only (the weight gradients' summation order); long rows get fewer
+        # blocks, so that the partial rows stay in cache and their final sum stays short
+        nblocks = min(m, _MAX_BLOCKS, max(8, _PARTIAL_ELEMENTS // max(n, 1)))
         # the partial rows: dweight's, then dbias's, in one scratch tensor
         parts = torch.empty(acc * nblocks * n, dtype=ct) if acc else None
         dw = torch.empty(n, dtype=ct) if acc else None
