@@ -24,6 +24,11 @@ class _FusedOptions:
         self.zero_centered_weight = zero_centered_weight
         self.memory_efficient = memory_efficient
 
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # torch's, next in the MRO
+        if getattr(self, "zero_centered_weight", False) and self.weight is not None:
+            torch.nn.init.zeros_(self.weight)  # 1 + w starts as the identity
+
     def _options(self) -> dict:
         # self.training is read only when there is dropout to switch off: otherwise train and
         # eval run the very same code (and torch.compile needs no guard on it).
@@ -57,10 +62,6 @@ class LayerNorm(_FusedOptions, torch.nn.LayerNorm):
         if zero_centered_weight:
             self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if getattr(self, "zero_centered_weight", False) and self.weight is not None:
-            torch.nn.init.zeros_(self.weight)  # 1 + w starts as the identity
 
     def forward(self, input: Tensor, residual: Tensor | None = None):
         if residual is None and not self.dropout_p and not self.zero_centered_weight \
@@ -85,10 +86,6 @@ class RMSNorm(_FusedOptions, torch.nn.RMSNorm):
         if zero_centered_weight:
             self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if getattr(self, "zero_centered_weight", False) and self.weight is not None:
-            torch.nn.init.zeros_(self.weight)
 
     def forward(self, input: Tensor, residual: Tensor | None = None):
         if residual is None and not self.dropout_p and not self.zero_centered_weight \
