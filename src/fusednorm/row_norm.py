@@ -179,7 +179,7 @@ class _RowNorm(torch.autograd.Function):
             _fwd_op, _fwd_impl, x, weight, bias, residual, eps, is_rms, zero_centered,
             dropout_p, seed, out_dtype, residual_dtype, xhat_dtype, backend,
         )
-        has_h = h.numel() > 0 or x.numel() == 0 and (residual is not None or dropout_p > 0)
+        has_h = residual is not None or dropout_p > 0  # h is an output of its own
         # (M, N) the tensor backward reads: the output in memory-saving mode, else the norm's input.
         saved = y if memory_efficient else (h if has_h else x)
         ctx.save_for_backward(saved, weight, bias, mean, rstd)
