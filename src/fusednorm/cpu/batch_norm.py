@@ -16,8 +16,8 @@ Kernel contract (the same in `triton/batch_norm.py`):
 
 How the work is laid out: channels-first input is read as N·C rows of S elements (one task per
 row: the row's moments, merged over n in order per channel; the same rows for y and the
-gradients). Channels-last input goes through the channels-last kernels of `cpu/group_norm.py`
-with one group per channel, the pieces merged over (n, block) in order. Deterministic.
+gradients). Channels-last input goes to `channels_last.py`
+(one group per channel), the pieces merged over (n, block) in order. Deterministic.
 """
 
 from __future__ import annotations
@@ -26,25 +26,19 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .group_norm import (
+from . import channels_last as nhwc
+from ._channels import (
     _BLOCK,
     OneThreadIf,
     _affine,
-    _apply_cl,
-    _bwd_apply_cl,
-    _bwd_sums_cl,
     _chan,
     _chunk_moments,
     _dest,
     _dnorm,
     _flush,
     _grad_sums,
-    _moments_cl,
     _read,
-    _sample_coefs,
-    _sample_rows,
     _sum_over_n,
-    cl_rows,
     conform,
     consts,
     empty_layout,
@@ -121,39 +115,19 @@ def _dx_rows(dy, dykind, x, xkind, dx, dxkind, mean, var, mg, mgx, w, n_, c_, s_
             _flush(dx, dxkind, o, k, ob)
 
 
-@njit(cache=True, error_model="numpy")
-def _merge_cl(pmean, pm2, n_, s_, c_, rows, mean, var):
-    """Per channel: the channels-last pieces (n, block, c), merged in order of (n, block). All
-    channels of a piece have the same count, so one Chan step serves a whole row of channels."""
-    nblk = (s_ + rows - 1) // rows
-    mu, m2 = np.zeros(c_), np.zeros(c_)
-    cnt = 0
-    for p in range(n_ * nblk):
-        bi = p % nblk
-        k = min(s_, (bi + 1) * rows) - bi * rows
-        f = np.float64(k) / np.float64(cnt + k)
-        fc = np.float64(cnt) * f
-        for c in range(c_):
-            d = pmean[p * c_ + c] - mu[c]
-            mu[c] += d * f
-            m2[c] += pm2[p * c_ + c] + d * d * fc
-        cnt += k
-    for c in range(c_):
-        mean[c] = mu[c]
-        var[c] = m2[c] / cnt
-
-
 # --- launchers ------------------------------------------------------------------------------------
 
 
 def batch_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    mean: torch.Tensor | None, var: torch.Tensor | None, eps: float,
                    channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x = conform(x, channels_last)
+    if channels_last:
+        return nhwc.batch_norm_fwd(x, weight, bias, mean, var, eps)
+    x = conform(x, False)
     n_, c_, s_ = x.shape
     ct = weight.dtype
     cp = consts(ct, eps)
-    y = empty_layout(x, channels_last)
+    y = empty_layout(x, False)
     training = mean is None
     if training:
         mean, var = torch.empty(c_, dtype=ct), torch.empty(c_, dtype=ct)
@@ -166,68 +140,42 @@ def batch_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     ya, yk = flat(y)
     wa, ba, ma, va = flat(weight)[0], flat(bias)[0], flat(mean)[0], flat(var)[0]
     with OneThreadIf(threads(x.numel()) == 1):
-        if not channels_last:
-            if training:
-                pmean, pm2 = np.empty(n_ * c_, np.float64), np.empty(n_ * c_, np.float64)
-                _moments_rows(xa, xk, n_ * c_, s_, cp, pmean, pm2)
-                _merge_channels(pmean, pm2, n_, c_, s_, ma, va)
-            _apply_rows(xa, xk, ya, yk, ma, va, wa, ba, n_, c_, s_, cp)
-            return y, mean, var
-        rows = cl_rows(c_)
         if training:
-            nblk = -(-s_ // rows)
-            pmean = np.empty(n_ * nblk * c_, np.float64)
-            pm2 = np.empty(n_ * nblk * c_, np.float64)
-            _moments_cl(xa, xk, n_, s_, c_, c_, rows, cp, pmean, pm2)
-            _merge_cl(pmean, pm2, n_, s_, c_, rows, ma, va)
-        a, sh = np.empty(c_, cp.dtype), np.empty(c_, cp.dtype)
-        _sample_coefs(ma, va, 0, 1, 1, wa, ba, cp, a, sh)
-        _apply_cl(xa, xk, ya, yk, a, sh, 0, n_, s_, c_, rows, cp, False)
+            pmean, pm2 = np.empty(n_ * c_, np.float64), np.empty(n_ * c_, np.float64)
+            _moments_rows(xa, xk, n_ * c_, s_, cp, pmean, pm2)
+            _merge_channels(pmean, pm2, n_, c_, s_, ma, va)
+        _apply_rows(xa, xk, ya, yk, ma, va, wa, ba, n_, c_, s_, cp)
     return y, mean, var
 
 
 def batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    mean: torch.Tensor, var: torch.Tensor, eps: float, training: bool,
                    channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x = conform(x, channels_last)
-    dy = conform(dy, channels_last)
+    if channels_last:
+        return nhwc.batch_norm_bwd(dy, x, weight, bias, mean, var, eps, training)
+    x = conform(x, False)
+    dy = conform(dy, False)
     n_, c_, s_ = x.shape
     ct = weight.dtype
     cp = consts(ct, eps)
-    dx = empty_layout(x, channels_last)
+    dx = empty_layout(x, False)
     dw, db = torch.zeros(c_, dtype=ct), torch.zeros(c_, dtype=ct)
     if x.numel() == 0:
         return dx, dw, db
     dya, dyk = flat(dy)
     xa, xk = flat(x)
     dxa, dxk = flat(dx)
-    wa, ba, ma, va = flat(weight)[0], flat(bias)[0], flat(mean)[0], flat(var)[0]
+    wa, ma, va = flat(weight)[0], flat(mean)[0], flat(var)[0]
     dwa, dba = flat(dw)[0], flat(db)[0]
     with OneThreadIf(threads(x.numel()) == 1):
-        if channels_last:
-            rows = cl_rows(c_)
-            nblk = -(-s_ // rows)
-            parts = n_ * nblk
-            psdy, psdyx = np.empty(parts * c_, cp.dtype), np.empty(parts * c_, cp.dtype)
-            m, r = np.empty(c_, cp.dtype), np.empty(c_, cp.dtype)
-            _sample_rows(ma, 0, 1, 1, c_, m, False, cp)
-            _sample_rows(va, 0, 1, 1, c_, r, True, cp)
-            _bwd_sums_cl(dya, dyk, xa, xk, m, r, 0, wa, ba, n_, s_, c_, rows, cp, False, psdy,
-                         psdyx)
-        else:
-            parts = n_
-            psdy, psdyx = np.empty(n_ * c_, cp.dtype), np.empty(n_ * c_, cp.dtype)
-            _grad_sums_rows(dya, dyk, xa, xk, ma, va, n_, c_, s_, cp, psdy, psdyx)
-        _sum_over_n(psdy, parts, c_, dba)
-        _sum_over_n(psdyx, parts, c_, dwa)
+        psdy, psdyx = np.empty(n_ * c_, cp.dtype), np.empty(n_ * c_, cp.dtype)
+        _grad_sums_rows(dya, dyk, xa, xk, ma, va, n_, c_, s_, cp, psdy, psdyx)
+        _sum_over_n(psdy, n_, c_, dba)
+        _sum_over_n(psdyx, n_, c_, dwa)
         # the means over the channel of w·dy and w·dy·x̂; zero when the statistics are constants
         count = float(n_ * s_)
         zeros = np.zeros(c_, cp.dtype)
         mg = np.asarray(wa * dba / count, dtype=cp.dtype) if training else zeros
         mgx = np.asarray(wa * dwa / count, dtype=cp.dtype) if training else zeros
-        if channels_last:
-            _bwd_apply_cl(dya, dyk, xa, xk, dxa, dxk, m, r, mg, mgx, 0, wa, ba, n_, s_, c_, rows,
-                          cp, False)
-        else:
-            _dx_rows(dya, dyk, xa, xk, dxa, dxk, ma, va, mg, mgx, wa, n_, c_, s_, cp)
+        _dx_rows(dya, dyk, xa, xk, dxa, dxk, ma, va, mg, mgx, wa, n_, c_, s_, cp)
     return dx, dw, db
