@@ -488,6 +488,24 @@ def test_backward_is_deterministic_and_thread_count_independent(dtype):
         assert torch.equal(first[k], single[k]), k
 
 
+def test_serial_twin_gives_the_parallel_kernels_bits(monkeypatch):
+    """Small calls run the serial twins (`_launch.serial_twin`): one body, so the same bits."""
+    from fusednorm.cpu import layer_norm as ln
+
+    assert ln._fwd_kernel_serial.targetoptions["parallel"] is False
+    assert ln._fwd_kernel.targetoptions["parallel"] is True
+    # cached on disk under their own names: the twin must never load the parallel code
+    assert ln._fwd_kernel_serial.py_func.__qualname__ != ln._fwd_kernel.py_func.__qualname__
+    m, n = 40, 300
+    x, r, w, b, dy = (randn(m, n), randn(m, n), randn(n), randn(n), randn(m, n))
+    monkeypatch.setattr(ln, "_SERIAL_MAX", 1 << 40)
+    serial = ours(x, w, b, rms=False, residual=r, p=0.1, seed=3, dy=dy)
+    monkeypatch.setattr(ln, "_SERIAL_MAX", 0)
+    parallel = ours(x, w, b, rms=False, residual=r, p=0.1, seed=3, dy=dy)
+    for k in ("y", "h", "mean", "rstd", "dx", "dr", "dw", "db"):
+        assert torch.equal(serial[k], parallel[k]), k
+
+
 # --- empty inputs ----------------------------------------------------------------------------------
 
 

@@ -10,9 +10,9 @@ How the work is laid out, and why:
   dominated by such wrapper work). Absent tensors are flagged and point at a tag; dtypes are kind
   codes (see `_dtypes`). A kernel is compiled once per combination of storage types actually
   used, and cached on disk.
-- Calls under `_SERIAL_MAX` elements run a serial twin of each kernel (no parallel-region
-  launch). Both twins call the same compiled row function (`_fwd_rows`, `_bwd_block`) on the
-  same row blocks, so the choice never changes a bit of the result.
+- Calls under `_SERIAL_MAX` elements run the serial twin of each kernel (`_launch.serial_twin`:
+  the same body without the parallel-region launch) on the same row blocks, so the choice never
+  changes a bit of the result.
 - Scratch rows and parameter rows are used through unowned views (`_unowned`): references
   taken on owned arrays are atomic operations, which cost more than short rows' arithmetic.
 - A row is normalized from a float buffer of the compute type (float32, float64 for float64):
@@ -50,6 +50,7 @@ from ._dtypes import (
     load_row,
     store_row,
 )
+from ._launch import TAG_ADDR, TAGS, serial_twin
 
 # Reassociation (and FMA contraction) for the row reductions only. Never nnan/ninf: NaN and inf
 # rows must propagate as in torch.
@@ -364,22 +365,7 @@ def _fwd_kernel(
         )  # fmt: skip
 
 
-@njit(cache=True, error_model="numpy", nogil=True)
-def _fwd_kernel_serial(
-    xp, xlen, xt, sx, xkind, in_place, rp, rlen, rt, sr, rkind, has_r, wp, wt, wkind, has_w,
-    bp, bt, bkind, has_b, yp, yt, ykind, hp, ht, hkind, has_h, meanp, rstdp, m, n, cp, is_rms,
-    zc, p, seed_lo, seed_hi, xhat, nchunks,
-):  # fmt: skip
-    """`_fwd_kernel` without the parallel region (whose launch costs microseconds): small calls."""
-    x, r = from_address(xp, xlen, xt), from_address(rp, rlen, rt)
-    w, b = from_address(wp, n if has_w else 1, wt), from_address(bp, n if has_b else 1, bt)
-    y, h = from_address(yp, m * n, yt), from_address(hp, m * n if has_h else 1, ht)
-    mean, rstd = from_address(meanp, 1 if is_rms else m, cp), from_address(rstdp, m, cp)
-    wb = _effective_params(w, wkind, has_w, b, bkind, has_b, zc, n, cp)
-    _fwd_rows(
-        x, sx, xkind, in_place, r, sr, rkind, has_r, y, ykind, h, hkind, has_h, mean, rstd,
-        wb, 0, m, n, cp, is_rms, p, seed_lo, seed_hi, xhat,
-    )  # fmt: skip
+_fwd_kernel_serial = serial_twin(_fwd_kernel)
 
 
 # --- backward ------------------------------------------------------------------------------------
@@ -532,34 +518,7 @@ def _bwd_kernel(
         _sum_blocks(dbp, nblocks, n, from_address(dbop, n, cp))
 
 
-@njit(cache=True, error_model="numpy", nogil=True)
-def _bwd_kernel_serial(
-    dyp, dylen, dyt, sdy, dykind, hsp, hslen, hst, shs, hskind, wp, wt, wkind, has_w, bp, bt,
-    bkind, has_b, meanp, rstdp, dhop, dholen, dhot, sdho, dhokind, has_dho, dxp, dxt, dxkind,
-    drp, drt, drkind, has_dr, dwpp, dbpp, dwop, dbop, acc, m, n, cp, is_rms, zc, p, seed_lo,
-    seed_hi, from_output, nblocks,
-):  # fmt: skip
-    """`_bwd_kernel` without the parallel region (whose launch costs microseconds): small calls.
-    Same row blocks, so the same weight-gradient partials and summation order."""
-    dy, hs = from_address(dyp, dylen, dyt), from_address(hsp, hslen, hst)
-    w, b = from_address(wp, n if has_w else 1, wt), from_address(bp, n if has_b else 1, bt)
-    mean = from_address(meanp, m if (not is_rms and not from_output) else 1, cp)
-    rstd, dho = from_address(rstdp, m, cp), from_address(dhop, dholen, dhot)
-    dx, dr = from_address(dxp, m * n, dxt), from_address(drp, m * n if has_dr else 1, drt)
-    dwp = from_address(dwpp, nblocks * n if acc >= 1 else 1, cp)
-    dbp = from_address(dbpp, nblocks * n if acc == 2 else 1, cp)
-    wb = _effective_params(w, wkind, has_w, b, bkind, has_b, zc, n, cp)
-    per = (m + nblocks - 1) // nblocks
-    for blk in range(nblocks):
-        _bwd_block(
-            dy, sdy, dykind, hs, shs, hskind, mean, rstd, dho, sdho, dhokind, has_dho, dx,
-            dxkind, dr, drkind, has_dr, dwp, dbp, acc, wb, blk, blk * per,
-            min(m, (blk + 1) * per), n, cp, is_rms, p, seed_lo, seed_hi, from_output,
-        )  # fmt: skip
-    if acc >= 1:
-        _sum_blocks(dwp, nblocks, n, from_address(dwop, n, cp))
-    if acc == 2:
-        _sum_blocks(dbp, nblocks, n, from_address(dbop, n, cp))
+_bwd_kernel_serial = serial_twin(_bwd_kernel)
 
 
 @njit(cache=True, error_model="numpy")
@@ -616,34 +575,24 @@ def _param(t: torch.Tensor | None) -> torch.Tensor | None:
     return t
 
 
-# Per storage dtype: (tag, kind). A tag is a 1-element array of the kernels' storage type for
-# that dtype: it tells `from_address` the element type, and its own address stands in for absent
-# arguments (kernels never touch those). Tags of one dtype are one object: no new specialization.
-_TAGS: dict[torch.dtype, tuple[np.ndarray, int]] = {
-    torch.float32: (np.zeros(1, np.float32), NATIVE),
-    torch.float64: (np.zeros(1, np.float64), NATIVE),
-    torch.bfloat16: (np.zeros(1, np.uint16), BF16),
-    torch.float16: (np.zeros(1, np.uint16), F16),
-}
-_TAG_ADDR = {dt: tag.ctypes.data for dt, (tag, _) in _TAGS.items()}
 _SERIAL_MAX = 1 << 15  # up to this many elements a call runs serially (no parallel region)
 
 
 def _rows_arg(t: torch.Tensor | None, absent: torch.dtype):
     """(address, element span, tag, kind, present) of an (M, N) argument with unit inner stride."""
     if t is None or t.numel() == 0:
-        tag = _TAGS[absent][0]
-        return _TAG_ADDR[absent], 1, tag, NATIVE, False
+        tag = TAGS[absent][0]
+        return TAG_ADDR[absent], 1, tag, NATIVE, False
     m, n = t.shape
-    tag, kind = _TAGS[t.dtype]
+    tag, kind = TAGS[t.dtype]
     return t.data_ptr(), (m - 1) * t.stride(0) + n, tag, kind, True
 
 
 def _vec_arg(t: torch.Tensor | None, absent: torch.dtype):
     """(address, tag, kind, present) of a contiguous argument (weight, bias, outputs)."""
     if t is None or t.numel() == 0:
-        return _TAG_ADDR[absent], _TAGS[absent][0], NATIVE, False
-    tag, kind = _TAGS[t.dtype]
+        return TAG_ADDR[absent], TAGS[absent][0], NATIVE, False
+    tag, kind = TAGS[t.dtype]
     return t.data_ptr(), tag, kind, True
 
 
@@ -698,7 +647,7 @@ def norm_fwd(
     rp, rlen, rt, rkind, has_r = _rows_arg(residual, xdt)
     wp, wt, wkind, has_w = _vec_arg(weight, xdt)
     bp, bt, bkind, has_b = _vec_arg(bias, xdt)
-    yt, ykind = _TAGS[out_dtype]
+    yt, ykind = TAGS[out_dtype]
     hp, ht, hkind, _ = _vec_arg(h, xdt)
     rstdp = rstd.data_ptr()
     meanp = rstdp if is_rms else mean.data_ptr()
@@ -763,11 +712,11 @@ def norm_bwd(
         wp, wt, wkind, has_w = _vec_arg(weight, adt)
         bp, bt, bkind, has_b = _vec_arg(bias, adt)
         op, olen, ot, okind, has_o = _rows_arg(dh_out, adt)
-        dxt, dxkind = _TAGS[x_dtype]
+        dxt, dxkind = TAGS[x_dtype]
         drp, drt, drkind, _ = _vec_arg(dres, adt)
         rstdp = rstd.data_ptr()
         meanp = mean.data_ptr() if mean.numel() else rstdp
-        cdummy = _TAG_ADDR[ct]
+        cdummy = TAG_ADDR[ct]
         dwpp = parts.data_ptr() if acc else cdummy
         dbpp = dwpp + nblocks * n * parts.element_size() if acc == 2 else cdummy
         seed_lo, seed_hi = _seed_words(seed) if dropout_p > 0 else (0, 0)
