@@ -50,6 +50,8 @@ def as_ncs(x: Tensor, prefer_channels_last: bool = False) -> tuple[Tensor, bool]
     """
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // (n * c) if n * c else 1
+    if x.is_contiguous() and (s > 1 or not prefer_channels_last):
+        return x.view(n, c, s), False  # the common case, without the checks below
     x3 = x.reshape(n, c, s)
     if c > 1 and s > 1 and x3.stride() == layout_strides((n, c, s), True):
         return x3, True
@@ -123,29 +125,50 @@ def _(dy, x, weight, bias, mean, var, eps, training, channels_last, backend):
 def affine_params(weight: Tensor | None, bias: Tensor | None, c: int, ct: torch.dtype,
                   device: torch.device) -> tuple[Tensor, Tensor]:
     """(C,) weight and bias in the compute dtype, ones and zeros when absent."""
-    w = torch.ones(c, dtype=ct, device=device) if weight is None else weight.reshape(c).to(ct)
-    b = torch.zeros(c, dtype=ct, device=device) if bias is None else bias.reshape(c).to(ct)
-    return w.contiguous(), b.contiguous()
+    return _param(weight, c, ct, device, 1.0), _param(bias, c, ct, device, 0.0)
+
+
+def _param(p: Tensor | None, c: int, ct: torch.dtype, device: torch.device, fill: float
+           ) -> Tensor:
+    if p is None:
+        return torch.full((c,), fill, dtype=ct, device=device)
+    if p.dtype == ct and p.dim() == 1 and p.is_contiguous():
+        return p  # as it is: a reshape, cast and contiguous() each cost a microsecond
+    return p.reshape(c).to(ct).contiguous()
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record an op on these tensors (else the Function is skipped:
+    its machinery costs several microseconds a call)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, prefer_cl,
+                       backend):
+    """(y, batch mean, batch var, what the backward needs): the forward without autograd."""
+    x3, cl = as_ncs(x, prefer_cl)
+    ct = compute_dtype(x.dtype)
+    w, b = affine_params(weight, bias, x3.shape[1], ct, x.device)
+    if training:
+        mean = var = None
+    else:
+        mean, var = running_mean.to(ct).contiguous(), running_var.to(ct).contiguous()
+    y3, bmean, bvar = dispatch(_fwd_op, _fwd_impl, x3, w, b, mean, var, eps, cl, backend)
+    if training:
+        mean, var = bmean, bvar
+    return from_layout(y3, x.shape), bmean, bvar, (x3, w, b, mean, var, cl)
 
 
 class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, prefer_cl,
                 backend):
-        x3, cl = as_ncs(x, prefer_cl)
-        ct = compute_dtype(x.dtype)
-        w, b = affine_params(weight, bias, x3.shape[1], ct, x.device)
-        if training:
-            mean = var = None
-        else:
-            mean, var = running_mean.to(ct).contiguous(), running_var.to(ct).contiguous()
-        y3, bmean, bvar = dispatch(_fwd_op, _fwd_impl, x3, w, b, mean, var, eps, cl, backend)
-        if training:
-            mean, var = bmean, bvar
+        y, bmean, bvar, (x3, w, b, mean, var, cl) = batch_norm_forward(
+            x, weight, bias, running_mean, running_var, training, eps, prefer_cl, backend)
         ctx.save_for_backward(x, x3, w, b, mean, var, weight, bias)
         ctx.config = (training, eps, cl, backend, x.shape)
         ctx.mark_non_differentiable(bmean, bvar)
-        return from_layout(y3, x.shape), bmean, bvar
+        return y, bmean, bvar
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
@@ -275,8 +298,11 @@ def batch_norm(
     if backend == "torch" or input.numel() == 0:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                             eps)
-    y, mean, var = _BatchNorm.apply(input, weight, bias, running_mean, running_var, training,
-                                    float(eps), True, backend)
+    args = (input, weight, bias, running_mean, running_var, training, float(eps), True, backend)
+    if needs_grad(input, weight, bias):
+        y, mean, var = _BatchNorm.apply(*args)
+    else:
+        y, mean, var, _ = batch_norm_forward(*args)
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, mean, var, float(momentum),
                              input.numel() // input.shape[1])

@@ -28,9 +28,11 @@ from fusednorm.batch_norm import (
     _plain,
     affine_params,
     as_ncs,
+    batch_norm_forward,
     compute_dtype,
     from_layout,
     layout_strides,
+    needs_grad,
     update_running_stats,
 )
 
@@ -95,16 +97,29 @@ def _(dy, x, weight, bias, mean, var, groups, eps, silu, channels_last, backend)
 # backward is asked for (create_graph=True).
 
 
+def _forward(x, weight, bias, groups, eps, silu, backend):
+    """(y, mean, var, what the backward needs): the forward without autograd."""
+    x3, cl = as_ncs(x)
+    w, b = affine_params(weight, bias, x3.shape[1], compute_dtype(x.dtype), x.device)
+    y3, mean, var = dispatch(_fwd_op, _fwd_impl, x3, w, b, groups, eps, silu, cl, backend)
+    return from_layout(y3, x.shape), mean, var, (x3, w, b, cl)
+
+
+def _group_norm(x, weight, bias, groups, eps, silu, backend):
+    """(y, mean, var) through autograd only when a gradient will be asked for."""
+    if needs_grad(x, weight, bias):
+        return _GroupNorm.apply(x, weight, bias, groups, eps, silu, backend)
+    return _forward(x, weight, bias, groups, eps, silu, backend)[:3]
+
+
 class _GroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps, silu, backend):
-        x3, cl = as_ncs(x)
-        w, b = affine_params(weight, bias, x3.shape[1], compute_dtype(x.dtype), x.device)
-        y3, mean, var = dispatch(_fwd_op, _fwd_impl, x3, w, b, groups, eps, silu, cl, backend)
+        y, mean, var, (x3, w, b, cl) = _forward(x, weight, bias, groups, eps, silu, backend)
         ctx.save_for_backward(x, x3, w, b, mean, var, weight, bias)
         ctx.config = (groups, eps, silu, cl, backend, x.shape)
         ctx.mark_non_differentiable(mean, var)
-        return from_layout(y3, x.shape), mean, var
+        return y, mean, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
@@ -199,8 +214,7 @@ def group_norm(
     if backend == "torch" or input.numel() == 0:
         y = F.group_norm(input, num_groups, weight, bias, eps)
         return F.silu(y) if silu else y
-    y, _, _ = _GroupNorm.apply(input, weight, bias, num_groups, float(eps), silu, backend)
-    return y
+    return _group_norm(input, weight, bias, num_groups, float(eps), silu, backend)[0]
 
 
 def _running_ok(t, c: int) -> bool:
@@ -272,11 +286,12 @@ def instance_norm(
         return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
                                momentum, eps)
     if not use_input_stats:
-        y, _, _ = _BatchNorm.apply(input, weight, bias, running_mean, running_var, False,
-                                   float(eps), True, backend)
-        return y
+        args = (input, weight, bias, running_mean, running_var, False, float(eps), True, backend)
+        if needs_grad(input, weight, bias):
+            return _BatchNorm.apply(*args)[0]
+        return batch_norm_forward(*args)[0]
     c = input.shape[1]
-    y, mean, var = _GroupNorm.apply(input, weight, bias, c, float(eps), False, backend)
+    y, mean, var = _group_norm(input, weight, bias, c, float(eps), False, backend)
     if running_mean is not None:
         # torch updates a copy per sample, then averages the copies over the batch
         update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0),
