@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fusednorm._backend import resolve
 from fusednorm._checks import params_ok, raise_like_torch
-from fusednorm._ops import dispatch
+from fusednorm._ops import dispatch, needs_grad
 
 
 @functools.cache
@@ -136,11 +136,6 @@ def _param(p: Tensor | None, c: int, ct: torch.dtype, device: torch.device, fill
         return p  # as it is: a reshape, cast and contiguous() each cost a microsecond
     return p.reshape(c).to(ct).contiguous()
 
-
-def needs_grad(*tensors: Tensor | None) -> bool:
-    """Whether autograd would record an op on these tensors (else the Function is skipped:
-    its machinery costs several microseconds a call)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, prefer_cl,

@@ -21,7 +21,7 @@ from torch import Tensor
 from fusednorm._autocast import autocast_cast
 from fusednorm._backend import resolve
 from fusednorm._checks import params_ok, raise_like_torch
-from fusednorm._ops import dispatch
+from fusednorm._ops import dispatch, needs_grad
 from fusednorm.batch_norm import (
     _BatchNorm,
     _copy,
@@ -32,7 +32,6 @@ from fusednorm.batch_norm import (
     compute_dtype,
     from_layout,
     layout_strides,
-    needs_grad,
     update_running_stats,
 )
 

@@ -31,7 +31,7 @@ from fusednorm._checks import (
     raise_like_torch,
     stand_in,
 )
-from fusednorm._ops import dispatch
+from fusednorm._ops import dispatch, needs_grad
 from fusednorm.reference import default_rms_eps
 
 
@@ -294,13 +294,18 @@ def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, resid
 
     rows = as_rows(x, n)
     res_rows = as_rows(residual, n) if residual is not None else None
-    y, h = _RowNorm.apply(
-        rows, res_rows,
-        weight.reshape(n) if weight is not None else None,
-        bias.reshape(n) if bias is not None else None,
-        eps, is_rms, zero_centered, dropout_p, seed, out_dtype, residual_dtype, xhat_dtype,
-        memory_efficient, backend, residual is not None and _grads_may_alias(x, residual),
-    )
+    w = weight.reshape(n) if weight is not None else None
+    b = bias.reshape(n) if bias is not None else None
+    if needs_grad(rows, res_rows, w, b):
+        y, h = _RowNorm.apply(
+            rows, res_rows, w, b, eps, is_rms, zero_centered, dropout_p, seed, out_dtype,
+            residual_dtype, xhat_dtype, memory_efficient, backend,
+            residual is not None and _grads_may_alias(x, residual),
+        )
+    else:
+        y, h, _, _ = dispatch(_fwd_op, _fwd_impl, rows, w, b, res_rows, eps, is_rms,
+                              zero_centered, dropout_p, seed, out_dtype, residual_dtype,
+                              xhat_dtype, backend)
     y = y.view(x.shape)
     return (y, h.view(x.shape)) if fused else y
 
