@@ -10,7 +10,7 @@ import torch
 
 from fusednorm.__main__ import main as fusednorm_main
 from fusednorm.bench import __main__ as cli
-from fusednorm.bench import providers
+from fusednorm.bench import cases, providers
 from fusednorm.bench.cases import bytes_moved
 
 
@@ -87,3 +87,25 @@ def test_bytes_moved():
     # add + rms norm forward and backward: 4 + 4 tensors; weight read twice, dweight written
     assert bytes_moved("add_rms_norm", "fwdbwd", (8, 16), torch.bfloat16) == (
         8 * 8 * 16 * 2 + 3 * 16 * 2)
+
+
+def test_channel_norm_ops_are_checked_and_keep_their_layout(tmp_path, monkeypatch, capsys):
+    """GroupNorm and BatchNorm cases, channels first and channels_last: every provider's answer
+    is checked against the float64 reference of that op, and a wrong one is caught."""
+    monkeypatch.setitem(providers.PROVIDERS, "wrong", _wrong_output)
+    monkeypatch.setitem(cli.TIMING, "quick", {"min_sample_s": 1e-4, "budget_s": 0, "rounds": (2, 2)})
+    ops = ("group_norm", "group_norm_nhwc", "batch_norm", "batch_norm_nhwc")
+    cli.main(["bench", "--quick", "--device", "cpu", "--ops", "channel_norms",
+              "--dtypes", "float32", "--modes", "fwd,fwdbwd", "--shapes", "64x128",
+              "--out", str(tmp_path), "--providers", "fusednorm,torch,wrong"])
+    capsys.readouterr()
+    rows = list(csv.DictReader((tmp_path / "results.csv").read_text().splitlines()))
+    status = {(r["op"], r["mode"], r["provider"]): r for r in rows}
+    for op in ops:
+        for mode in ("fwd", "fwdbwd"):
+            assert status[(op, mode, "torch")]["status"] == "ok"
+            assert status[(op, mode, "fusednorm")]["status"] == "ok"
+            assert status[(op, mode, "wrong")]["status"] == "invalid"
+        assert status[(op, "fwd", "torch")]["input_shape"] == "2x256x4x4"  # 64 = 2·32 groups
+    x = cases.make_inputs("batch_norm_nhwc", torch.float32, (2, 8, 3, 3), "cpu").args[0]
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

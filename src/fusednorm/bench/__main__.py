@@ -20,7 +20,7 @@ from fusednorm.bench import cases, check, providers, report, timing
 PRESETS = {  # --quick, and the full default sweep; explicit flags override either
     "quick": {"ops": "layer_norm", "dtypes": "float32,bfloat16", "modes": "fwd,fwdbwd",
               "providers": "fusednorm,torch"},
-    "full": {"ops": "layer_norm,rms_norm,add_norm,group_norm", "dtypes": "float32,bfloat16",
+    "full": {"ops": "layer_norm,rms_norm,add_norm,channel_norms", "dtypes": "float32,bfloat16",
              "modes": "fwd,bwd,fwdbwd", "providers": ",".join(providers.PROVIDERS)},
 }
 TIMING = {  # min_sample_s: shortest sample; budget_s: time aimed at per case and mode
@@ -114,7 +114,7 @@ def run_case(op, dtype, shape, ishape, args, progress, skipped) -> list[dict]:
     grads = any(m != "fwd" for m in args.modes)
     verdicts = check.check(op, inp, fns, providers.torch_eager(op, dev), grads)
     numel = inp.args[0].numel()
-    rows_m = ishape[0] * (cases.GROUPS if op == "group_norm" else 1)
+    rows_m = ishape[0] * (cases.GROUPS if op in cases.CHANNEL_OPS else 1)
     base = {"op": op, "dtype": dname, "shape": f"{rows_m}x{numel // rows_m}", "tag": shape.tag,
             "input_shape": "x".join(map(str, ishape)), "M": rows_m, "N": numel // rows_m}
     for name, v in verdicts.items():
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     with fusednorm.use_backend("auto"):
         for op, dtype, shape in todo:
             ishape = cases.input_shape(op, shape)
-            if ishape is None:  # group_norm needs M to be a multiple of the 32 groups
+            if ishape is None:  # channel norms need M to be a multiple of the 32 groups
                 progress.step(len(args.modes))
                 continue
             try:

@@ -1,7 +1,9 @@
 """What is measured: the ops, the shapes swept, the inputs, the float64 answers and the bytes moved.
 
-Every case is an op on M rows of N elements. group_norm reads the same (M, N) as (B, C, H, W)
-with G = 32 groups: M = B·G rows (one per group), N = (C/G)·H·W elements per group.
+Every case is an op on M rows of N elements. The channel norms read the same (M, N) as
+(B, C, H, W) with G = 32 groups: M = B·G rows (one per group), N = (C/G)·H·W elements per
+group; group_norm normalizes each group, batch_norm (training) each channel over batch and
+space. The *_nhwc ops take the same input in channels_last memory (the output keeps it).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import torch
 
 from fusednorm.reference import add_norm_ref, layer_norm_ref, rms_norm_ref
 
-OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "group_norm")
-ALIASES = {"add_norm": ("add_layer_norm", "add_rms_norm")}
+CHANNEL_OPS = ("group_norm", "group_norm_nhwc", "batch_norm", "batch_norm_nhwc")
+OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm") + CHANNEL_OPS
+ALIASES = {"add_norm": ("add_layer_norm", "add_rms_norm"), "channel_norms": CHANNEL_OPS}
 MODES = ("fwd", "bwd", "fwdbwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EPS, RMS_EPS = 1e-5, 1e-6
@@ -22,8 +25,9 @@ GROUPS = 32
 
 # Issue 2's headline shapes, measured in every run (quick included).
 HEADLINE = ((4096, 4096), (32768, 768), (8192, 1024))
-# A tiny call measures eager per-call overhead (issue 4); group_norm's is 1x32x1x2, same numel.
-TINY = {"group_norm": (32, 2)}
+# A tiny call measures eager per-call overhead (issue 4); a channel norm's is 1x32x1x2, same
+# numel.
+TINY = dict.fromkeys(CHANNEL_OPS, (32, 2))
 TINY_ROWS = (1, 64)
 CPU_NS = (256, 512, 768, 1024, 2048, 3000, 4096, 8192, 16384, 32768, 65536)
 CUDA_NS = (256, 512, 768, 1024, 2048, 3000, 4096, 5120, 8192, 12288, 16384, 32768, 65536,
@@ -42,7 +46,7 @@ class Shape:
 
 
 def default_shapes(device: str, dtype: torch.dtype, quick: bool) -> list[Shape]:
-    """The sweep: CPU at ~32 MB per tensor, CUDA at M·N >= 16M; M a multiple of 32 (group_norm)."""
+    """The sweep: CPU at ~32 MB per tensor, CUDA at M·N >= 16M; M a multiple of 32 (channel norms)."""
     s = torch.finfo(dtype).bits // 8
     shapes = [Shape(m, n, "headline") for m, n in HEADLINE]
     if not quick and device == "cpu":
@@ -68,7 +72,7 @@ def _round32(m: float) -> int:
 def input_shape(op: str, shape: Shape) -> tuple[int, ...] | None:
     """The input tensor's shape for this op, or None where the op cannot take this (M, N)."""
     m, n = (TINY[op] if shape.tag == "tiny" and op in TINY else (shape.M, shape.N))
-    if op != "group_norm":
+    if op not in CHANNEL_OPS:
         return (m, n)
     if m % GROUPS:
         return None
@@ -101,12 +105,18 @@ def make_inputs(op: str, dtype: torch.dtype, shape: tuple[int, ...], device: str
         t = torch.randn(*size, generator=g, dtype=torch.float32) * scale + shift
         return t.to(device=device, dtype=dtype)
 
-    n_param = shape[1] if op == "group_norm" else shape[-1]
+    n_param = shape[1] if op in CHANNEL_OPS else shape[-1]
     x, w = randn(*shape), randn(n_param, scale=0.1, shift=1.0)
     b = None if "rms" in op else randn(n_param, scale=0.1)
     r = randn(*shape) if op.startswith("add_") else None
     grads = (randn(*shape),) + ((randn(*shape),) if r is not None else ())
+    if op.endswith("_nhwc"):
+        x, grads = _channels_last(x), tuple(_channels_last(g) for g in grads)
     return Inputs((x, w, b, r), grads)
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
 
 
 def group_norm_ref(x, groups, weight, bias, eps):
@@ -118,10 +128,23 @@ def group_norm_ref(x, groups, weight, bias, eps):
     return y * weight.double().reshape(affine) + bias.double().reshape(affine)
 
 
+def batch_norm_ref(x, weight, bias, eps):
+    """Training-mode batch norm: each channel over batch and space, biased variance."""
+    dims = [0] + list(range(2, x.dim()))
+    xd = x.double()
+    mean = xd.mean(dims, keepdim=True)
+    var = ((xd - mean) ** 2).mean(dims, keepdim=True)
+    affine = (-1,) + (1,) * (x.dim() - 2)
+    return ((xd - mean) / torch.sqrt(var + eps) * weight.double().reshape(affine)
+            + bias.double().reshape(affine))
+
+
 def reference(op: str, x, w, b, r) -> tuple[torch.Tensor, ...]:
     """float64 outputs of the op: (y,) or (y, h)."""
-    if op == "group_norm":
+    if op.startswith("group_norm"):
         return (group_norm_ref(x, GROUPS, w, b, EPS),)
+    if op.startswith("batch_norm"):
+        return (batch_norm_ref(x, w, b, EPS),)
     if "rms" in op:
         norm, kw = rms_norm_ref, {"weight": w, "eps": RMS_EPS}
     else:
@@ -143,7 +166,7 @@ def bytes_moved(op: str, mode: str, shape: tuple[int, ...], dtype: torch.dtype) 
     weight read and their gradients written backward), the tiny mean/rstd not."""
     numel, s = math.prod(shape), torch.finfo(dtype).bits // 8
     kind = "add" if op.startswith("add_") else "norm"
-    n_param = shape[1] if op == "group_norm" else shape[-1]
+    n_param = shape[1] if op in CHANNEL_OPS else shape[-1]
     params = 1 if "rms" in op else 2
     total = 0
     for m in ("fwd", "bwd") if mode == "fwdbwd" else (mode,):

@@ -50,8 +50,12 @@ def torch_eager(op: str, device: str) -> Fn:
     def gn(x, w, b, r):
         return (F.group_norm(x, GROUPS, w, b, EPS),)
 
+    def bn(x, w, b, r):
+        return (F.batch_norm(x, None, None, w, b, True, 0.1, EPS),)
+
     table = {"layer_norm": ln, "rms_norm": rms, "add_layer_norm": _add_norm(ln),
-             "add_rms_norm": _add_norm(rms), "group_norm": gn}
+             "add_rms_norm": _add_norm(rms), "group_norm": gn, "group_norm_nhwc": gn,
+             "batch_norm": bn, "batch_norm_nhwc": bn}
     return table[op]
 
 
@@ -65,12 +69,14 @@ def fusednorm_auto(op: str, device: str) -> Fn:
     """Our public functions on backend "auto" (the caller sets it around the whole run)."""
     import fusednorm
 
-    name = op.removeprefix("add_")
+    name = op.removeprefix("add_").removesuffix("_nhwc")
     fn = getattr(fusednorm, name, None)
     if fn is None:
         raise Unavailable(f"fusednorm.{name} does not exist yet")
-    if op == "group_norm":
+    if name == "group_norm":
         return lambda x, w, b, r: (fn(x, GROUPS, w, b, EPS),)
+    if name == "batch_norm":
+        return lambda x, w, b, r: (fn(x, None, None, w, b, True, 0.1, EPS),)
     if name == "rms_norm":
         def call(x, w, b, r, **kw):
             return fn(x, x.shape[-1:], w, RMS_EPS, **kw)

@@ -116,7 +116,7 @@ def overhead_summary(rows: list[dict]) -> str:
     table = defaultdict(dict)
     for r in tiny:
         table[(r["op"], r["dtype"], r["mode"])][r["provider"]] = r["time_us"]
-    lines = ["per-call overhead: median time of one tiny call (1x64; group_norm 1x32x1x2)",
+    lines = ["per-call overhead: median time of one tiny call (1x64; channel norms 1x32x1x2)",
              f"  {'op':<16}{'dtype':<10}{'mode':<8}" + "".join(f"{p:>11}" for p in providers)]
     for (op, dtype, mode), t in table.items():
         cells = "".join(f"{_time(t[p] * 1e-6) if p in t else '-':>11}" for p in providers)
@@ -182,7 +182,7 @@ def plots(rows: list[dict], meta: dict, out: Path) -> list[Path]:
         ns = sorted({n for _, n in best})
         ax.set_xticks(ns, [str(n) for n in ns], rotation=45 if len(ns) > 6 else 0)
         ax.minorticks_off()
-        ax.set_xlabel("N (elements per row; group_norm: per group)")
+        ax.set_xlabel("N (elements per row; channel norms: per group of 32)")
         ax.set_ylabel("GB/s (bytes that must move / time)")
         ax.set_ylim(bottom=0)
         ax.set_title(f"{op} {mode} {dtype} on {meta['device']}\n{versions}", fontsize=9)
