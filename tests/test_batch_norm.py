@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from helpers import BACKENDS, assert_close_to_ref, device_for, randn
 
 import fusednorm
-from fusednorm.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
+from fusednorm.batch_norms import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 MODULES = {1: (BatchNorm1d, torch.nn.BatchNorm1d), 2: (BatchNorm2d, torch.nn.BatchNorm2d),
@@ -396,7 +396,7 @@ def test_cpu_result_does_not_depend_on_thread_count(channels_last):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    bn = importlib.import_module("fusednorm.batch_norm")
+    bn = importlib.import_module("fusednorm.batch_norms")
     dev = device_for(backend)
     for channels_last, x3 in ((False, randn(3, 6, 5, device=dev)),
                               (True, randn(3, 5, 6, device=dev).transpose(1, 2))):

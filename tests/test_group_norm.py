@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from helpers import BACKENDS, assert_close_to_ref, device_for, randn
 
 import fusednorm
-from fusednorm.group_norm import GroupNorm, InstanceNorm2d, group_norm
+from fusednorm.group_norms import GroupNorm, InstanceNorm2d, group_norm
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -393,7 +393,7 @@ def test_fused_silu_large_group_cpu():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    gn = importlib.import_module("fusednorm.group_norm")  # the module, not the function
+    gn = importlib.import_module("fusednorm.group_norms")
 
     dev = device_for(backend)
     for channels_last, x3 in ((False, randn(2, 6, 5, device=dev)),

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from helpers import BACKENDS, assert_close_to_ref, device_for, randn
 
 import fusednorm
-from fusednorm.group_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, instance_norm
+from fusednorm.group_norms import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, instance_norm
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 MODULES = {1: (InstanceNorm1d, torch.nn.InstanceNorm1d),

@@ -1,8 +1,8 @@
 """fusednorm: normalization layers for PyTorch with their own CPU and Triton kernels."""
 
 from fusednorm._backend import current_backend, use_backend
-from fusednorm.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
-from fusednorm.group_norm import (
+from fusednorm.batch_norms import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
+from fusednorm.group_norms import (
     GroupNorm,
     InstanceNorm1d,
     InstanceNorm2d,

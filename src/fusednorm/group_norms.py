@@ -22,7 +22,7 @@ from fusednorm._autocast import autocast_cast
 from fusednorm._backend import resolve
 from fusednorm._checks import params_ok, raise_like_torch
 from fusednorm._ops import dispatch, needs_grad
-from fusednorm.batch_norm import (
+from fusednorm.batch_norms import (
     _BatchNorm,
     _copy,
     _plain,
@@ -204,7 +204,7 @@ def group_norm(
     silu = _silu_flag(activation)
     input, weight, bias = autocast_cast("group_norm", input, weight, bias)
     if not _group_norm_ok(input, num_groups, weight, bias, eps):
-        # on the same tensors (see batch_norm's `_replay` for why not on stand-ins)
+        # on the same tensors (see `batch_norms._replay` for why not on stand-ins)
         raise_like_torch(
             lambda: F.group_norm(_plain(input), num_groups, _plain(weight), _plain(bias), eps),
             "group_norm",
@@ -248,7 +248,7 @@ def _instance_norm_ok(x, running_mean, running_var, weight, bias, use_input_stat
 
 def _replay_instance_norm(x, running_mean, running_var, weight, bias, use_input_stats,
                           momentum, eps):
-    """torch's instance_norm on the same tensors (see batch_norm's `_replay` for why)."""
+    """torch's instance_norm on the same tensors (see `batch_norms._replay` for why)."""
     grad = torch.is_grad_enabled()
 
     def call():
