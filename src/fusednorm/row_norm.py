@@ -169,23 +169,30 @@ class _Saved(NamedTuple):
     has_residual: bool
     has_h: bool
     alias_ok: bool
+    n: int  # elements per row
+    shape: torch.Size  # the input's (and the residual's) shape
 
 
 class _RowNorm(torch.autograd.Function):
+    """Takes x and the residual in their own shapes and returns (M, N) outputs. The (M, N) row
+    views are taken inside: an `as_strided` view taken outside would give an expanded input
+    (row stride 0) the gradient of its storage, every row's gradient summed into each row."""
+
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, is_rms, zero_centered, dropout_p, seed,
-                out_dtype, residual_dtype, xhat_dtype, memory_efficient, backend, alias_ok):
+                out_dtype, residual_dtype, xhat_dtype, memory_efficient, backend, alias_ok, n):
         y, h, mean, rstd = dispatch(
-            _fwd_op, _fwd_impl, x, weight, bias, residual, eps, is_rms, zero_centered,
-            dropout_p, seed, out_dtype, residual_dtype, xhat_dtype, backend,
+            _fwd_op, _fwd_impl, as_rows(x, n), weight, bias,
+            as_rows(residual, n) if residual is not None else None, eps, is_rms,
+            zero_centered, dropout_p, seed, out_dtype, residual_dtype, xhat_dtype, backend,
         )
         has_h = residual is not None or dropout_p > 0  # h is an output of its own
-        # (M, N) the tensor backward reads: the output in memory-saving mode, else the norm's input.
+        # The tensor backward reads: the output in memory-saving mode, else the norm's input.
         saved = y if memory_efficient else (h if has_h else x)
         ctx.save_for_backward(saved, weight, bias, mean, rstd)
         ctx.config = _Saved(eps, is_rms, zero_centered, dropout_p, seed, x.dtype, out_dtype,
                             residual_dtype, xhat_dtype, memory_efficient, backend,
-                            residual is not None, has_h, alias_ok)
+                            residual is not None, has_h, alias_ok, n, x.shape)
         ctx.set_materialize_grads(False)
         if not has_h:
             ctx.mark_non_differentiable(h)
@@ -196,9 +203,10 @@ class _RowNorm(torch.autograd.Function):
         saved, weight, bias, mean, rstd = ctx.saved_tensors
         c = ctx.config
         if dy is None:
-            dy = torch.zeros_like(saved, dtype=c.out_dtype)
+            dy = saved.new_zeros((saved.numel() // c.n, c.n), dtype=c.out_dtype)
         if torch.is_grad_enabled():
             return _double_backward_ready(c, saved, weight, bias, dy)
+        saved = as_rows(saved, c.n)
         dy = dy.contiguous()
         if not c.has_h:  # h was the empty placeholder (compiled graphs still pass it a grad)
             dh_out = None
@@ -214,11 +222,12 @@ class _RowNorm(torch.autograd.Function):
             c.zero_centered, c.dropout_p, c.seed, c.has_residual and not same, c.x_dtype,
             c.residual_dtype, need_w, c.memory_efficient, c.backend,
         )
+        dx = dx.view(c.shape)
         if same:
             dres = dx
-        return (dx, dres if c.has_residual else None,
+        return (dx, dres.view(c.shape) if c.has_residual else None,
                 dw if weight is not None and need_w else None,
-                db if bias is not None and need_w else None) + (None,) * 11
+                db if bias is not None and need_w else None) + (None,) * 12
 
 
 def _double_backward_ready(c, x, weight, bias, dy):
@@ -236,13 +245,14 @@ def _double_backward_ready(c, x, weight, bias, dy):
         xg = next(it)
         wg = next(it) if weight is not None else None
         bg = next(it) if bias is not None else None
-        y = _composite(xg, wg, bg, c.eps, c.is_rms, c.zero_centered, dy.dtype, c.xhat_dtype)
+        y = _composite(xg.reshape(-1, c.n), wg, bg, c.eps, c.is_rms, c.zero_centered, dy.dtype,
+                       c.xhat_dtype)
         grads = torch.autograd.grad(y, detached, dy, create_graph=True, allow_unused=True)
     it = iter(grads)
     dx = next(it)
     dw = next(it) if weight is not None else None
     db = next(it) if bias is not None else None
-    return (dx, None, dw, db) + (None,) * 11
+    return (dx, None, dw, db) + (None,) * 12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,19 +302,18 @@ def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, resid
     if torch.compiler.is_compiling() and isinstance(seed, int):
         seed = torch.zeros((), dtype=torch.int64)
 
-    rows = as_rows(x, n)
-    res_rows = as_rows(residual, n) if residual is not None else None
     w = weight.reshape(n) if weight is not None else None
     b = bias.reshape(n) if bias is not None else None
-    if needs_grad(rows, res_rows, w, b):
+    if needs_grad(x, residual, w, b):
         y, h = _RowNorm.apply(
-            rows, res_rows, w, b, eps, is_rms, zero_centered, dropout_p, seed, out_dtype,
+            x, residual, w, b, eps, is_rms, zero_centered, dropout_p, seed, out_dtype,
             residual_dtype, xhat_dtype, memory_efficient, backend,
-            residual is not None and _grads_may_alias(x, residual),
+            residual is not None and _grads_may_alias(x, residual), n,
         )
     else:
-        y, h, _, _ = dispatch(_fwd_op, _fwd_impl, rows, w, b, res_rows, eps, is_rms,
-                              zero_centered, dropout_p, seed, out_dtype, residual_dtype,
+        y, h, _, _ = dispatch(_fwd_op, _fwd_impl, as_rows(x, n), w, b,
+                              as_rows(residual, n) if residual is not None else None, eps,
+                              is_rms, zero_centered, dropout_p, seed, out_dtype, residual_dtype,
                               xhat_dtype, backend)
     y = y.view(x.shape)
     return (y, h.view(x.shape)) if fused else y
