@@ -183,21 +183,23 @@ class _BatchNorm(torch.autograd.Function):
 def _double_backward_ready(ctx, x, weight, bias, mean, var, dy):
     """First-order gradients from torch's own (twice differentiable) batch_norm."""
     training, eps = ctx.config[:2]
+    stats = (None, None) if training else (mean, var)
+    return differentiable_grads(
+        lambda x, w, b: F.batch_norm(x, *stats, w, b, training, 0.0, eps), x, weight, bias, dy,
+    ) + (None,) * 6
+
+
+def differentiable_grads(fn, x, weight, bias, dy) -> tuple:
+    """(dx, dweight, dbias) of y = fn(x, weight, bias) for dy, as a graph that can be
+    differentiated again (None for an absent parameter). The saved tensors themselves are used
+    where they require grad, so that the graph reaches them."""
     with torch.enable_grad():
-        # the saved tensors themselves where they require grad: the graph then reaches them
-        inputs = [t if t.requires_grad else t.detach().requires_grad_()
-                  for t in (x, weight, bias) if t is not None]
-        it = iter(inputs)
-        xg = next(it)
-        wg = next(it) if weight is not None else None
-        bg = next(it) if bias is not None else None
-        y = F.batch_norm(xg, None if training else mean,
-                         None if training else var, wg, bg, training, 0.0, eps)
-        grads = list(torch.autograd.grad(y, inputs, dy, create_graph=True))
-    dx = grads.pop(0)
-    dw = grads.pop(0) if weight is not None else None
-    db = grads.pop(0) if bias is not None else None
-    return (dx, dw, db) + (None,) * 6
+        leaves = [t if t is None or t.requires_grad else t.detach().requires_grad_()
+                  for t in (x, weight, bias)]
+        y = fn(*leaves)
+        grads = iter(torch.autograd.grad(y, [t for t in leaves if t is not None], dy,
+                                         create_graph=True))
+    return tuple(None if t is None else next(grads) for t in leaves)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from fusednorm.batch_norms import (
     as_ncs,
     batch_norm_forward,
     compute_dtype,
+    differentiable_grads,
     from_layout,
     layout_strides,
     update_running_stats,
@@ -138,22 +139,12 @@ class _GroupNorm(torch.autograd.Function):
 def _double_backward_ready(ctx, x, weight, bias, dy):
     """First-order gradients from torch's own group_norm (and silu), differentiable again."""
     groups, eps, silu = ctx.config[:3]
-    with torch.enable_grad():
-        # the saved tensors themselves where they require grad: the graph then reaches them
-        inputs = [t if t.requires_grad else t.detach().requires_grad_()
-                  for t in (x, weight, bias) if t is not None]
-        it = iter(inputs)
-        xg = next(it)
-        wg = next(it) if weight is not None else None
-        bg = next(it) if bias is not None else None
-        y = F.group_norm(xg, groups, wg, bg, eps)
-        if silu:
-            y = F.silu(y)
-        grads = list(torch.autograd.grad(y, inputs, dy, create_graph=True))
-    dx = grads.pop(0)
-    dw = grads.pop(0) if weight is not None else None
-    db = grads.pop(0) if bias is not None else None
-    return (dx, dw, db) + (None,) * 4
+
+    def norm(x, w, b):
+        y = F.group_norm(x, groups, w, b, eps)
+        return F.silu(y) if silu else y
+
+    return differentiable_grads(norm, x, weight, bias, dy) + (None,) * 4
 
 
 # ---------------------------------------------------------------------------------------------
