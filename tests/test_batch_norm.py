@@ -9,7 +9,7 @@ import numba
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS, assert_close_to_ref, device_for, randn
+from helpers import BACKENDS, assert_close_to_ref, assert_three, device_for, randn, run_three
 
 import fusednorm
 from fusednorm.batch_norms import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
@@ -44,41 +44,29 @@ def batch_norm_ref(x, running_mean, running_var, weight=None, bias=None, trainin
     return y, new_mean, new_var
 
 
-def run_all(x, weight, bias, backend, running, training, momentum=0.1, eps=1e-5):
-    dy = torch.randn(x.shape, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
-    out = []
-    for who in ("ours", "torch", "ref"):
-        leaves = [t.detach().clone().requires_grad_() if t is not None else None
-                  for t in (x, weight, bias)]
-        rm, rv = (None, None) if running is None else (running[0].clone(), running[1].clone())
-        args = (leaves[0], rm, rv, leaves[1], leaves[2], training, momentum, eps)
-        if who == "ours":
-            with fusednorm.use_backend(backend):
-                y = batch_norm(*args)
-        elif who == "torch":
-            y = F.batch_norm(*args)
-        else:
-            y, rm, rv = batch_norm_ref(*args)
-        present = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad(y, present, dy.to(y.dtype)))
-        out.append((y.detach(), [next(grads) if t is not None else None for t in leaves], rm, rv))
-    return out
+def check(x, weight=None, bias=None, backend="cpu", running=None, training=True,
+          momentum=0.1):
+    """ours, torch's and the reference's y, gradients and updated running statistics."""
+    def with_stats(fn):
+        def call(x, w, b):
+            rm, rv = (None, None) if running is None else (running[0].clone(), running[1].clone())
+            out = fn(x, rm, rv, w, b, training, momentum, 1e-5)
+            return out if isinstance(out, tuple) else (out, rm, rv)
+        return call
 
+    def ours(*args):
+        with fusednorm.use_backend(backend):
+            return batch_norm(*args)
 
-def check(x, weight=None, bias=None, backend="cpu", running=None, training=True, momentum=0.1):
-    (y, g, rm, rv), (yt, gt, rmt, rvt), (yr, gr, rmr, rvr) = run_all(
-        x, weight, bias, backend, running, training, momentum)
-    assert y.dtype == yt.dtype and y.shape == yt.shape
-    assert_close_to_ref(y, yt, yr, x.dtype, what="y")
-    for name, a, b, r in zip(("dx", "dweight", "dbias"), g, gt, gr):
-        if r is not None:
-            assert a.dtype == b.dtype
-            assert_close_to_ref(a, b, r, what=name)
+    results = run_three((x, weight, bias), with_stats(ours), with_stats(F.batch_norm),
+                        with_stats(batch_norm_ref))
+    assert_three(results, x.dtype)
     if running is not None:
+        (_, _, (rm, rv)), (_, _, (rmt, rvt)), (_, _, (rmr, rvr)) = results
         assert rm.dtype == running[0].dtype
         assert_close_to_ref(rm, rmt, rmr, what="running_mean")
         assert_close_to_ref(rv, rvt, rvr, what="running_var")
-    return y
+    return results[0][0]
 
 
 def running_stats(c, dtype, device):

@@ -13,7 +13,7 @@ import numba
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS, assert_close_to_ref, device_for, randn
+from helpers import BACKENDS, assert_close_to_ref, assert_three, device_for, randn, run_three
 
 import fusednorm
 from fusednorm.group_norms import GroupNorm, InstanceNorm2d, group_norm
@@ -49,40 +49,21 @@ def torch_group_norm(x, groups, weight, bias, eps, activation=None):
     return F.silu(y) if activation == "silu" else y
 
 
-def run_all(x, groups, weight, bias, eps=1e-5, backend="cpu", activation=None):
-    """(y, grads) for ours, torch and the float64 reference on the same inputs and dy."""
-    dy = torch.randn(x.shape, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        dy = dy.contiguous(memory_format=torch.channels_last)
-    results = []
-    for who in ("ours", "torch", "ref"):
-        leaves = [t.detach().clone().requires_grad_() if t is not None else None
-                  for t in (x, weight, bias)]
-        if who == "ours":
-            with fusednorm.use_backend(backend):
-                y = group_norm(leaves[0], groups, leaves[1], leaves[2], eps,
-                               activation=activation)
-        elif who == "torch":
-            y = torch_group_norm(*leaves[:1], groups, *leaves[1:], eps, activation)
-        else:
-            y = group_norm_ref(leaves[0], groups, leaves[1], leaves[2], eps, activation)
-        grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dy.to(y.dtype))
-        it = iter(grads)
-        results.append((y.detach(), [next(it) if t is not None else None for t in leaves]))
-    return results
+def run_group_norm(x, groups, weight, bias, eps=1e-5, backend="cpu", activation=None):
+    """`run_three` of fusednorm's group_norm, torch's and the float64 reference."""
+    def ours(x, w, b):
+        with fusednorm.use_backend(backend):
+            return group_norm(x, groups, w, b, eps, activation=activation)
+
+    return run_three((x, weight, bias), ours,
+                     lambda x, w, b: torch_group_norm(x, groups, w, b, eps, activation),
+                     lambda x, w, b: group_norm_ref(x, groups, w, b, eps, activation))
 
 
 def check(x, groups, weight=None, bias=None, eps=1e-5, backend="cpu", activation=None):
-    (y, g), (yt, gt), (yr, gr) = run_all(x, groups, weight, bias, eps, backend, activation)
-    assert y.dtype == yt.dtype and y.shape == yt.shape
-    assert_close_to_ref(y, yt, yr, x.dtype, what="y")
-    for name, a, b, r in zip(("dx", "dweight", "dbias"), g, gt, gr):
-        if r is None:
-            assert a is None
-            continue
-        assert a.dtype == b.dtype, name
-        assert_close_to_ref(a, b, r, what=name)
-    return y
+    results = run_group_norm(x, groups, weight, bias, eps, backend, activation)
+    assert_three(results, x.dtype)
+    return results[0][0]
 
 
 # CPU: the issue's shapes in every dtype and both layouts.
@@ -158,13 +139,11 @@ def test_affine_combinations(backend, affine):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_input_float32_params(backend, dtype):
     dev = device_for(backend)
-    (y, g), (yt, gt), (yr, gr) = run_all(randn(3, 6, 4, 5, dtype=dtype, device=dev), 3,
-                                         randn(6, device=dev), randn(6, device=dev),
-                                         backend=backend)
+    results = run_group_norm(randn(3, 6, 4, 5, dtype=dtype, device=dev), 3,
+                             randn(6, device=dev), randn(6, device=dev), backend=backend)
+    (y, g, _), (yt, gt, _), _ = results
     assert y.dtype == yt.dtype == dtype and g[1].dtype == gt[1].dtype == torch.float32
-    assert_close_to_ref(y, yt, yr, dtype, what="y")
-    for a, b, r in zip(g, gt, gr):
-        assert_close_to_ref(a, b, r)
+    assert_three(results, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
