@@ -13,14 +13,13 @@ polynomial (numba calls libm's expf per element without Intel SVML).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from ._dtypes import as_flat_array, load_row, store_row
+from ._dtypes import load_row
 
 # Reassociation (and FMA contraction) for the reductions only, so LLVM vectorizes them. Never
 # nnan/ninf: NaN and inf must propagate as in torch.
@@ -106,14 +105,6 @@ def _dest(y, o, n, out):
     return y0[o:o + n] if y_ok else out[:n]
 
 
-@njit(inline="always", cache=True, error_model="numpy")
-def _flush(y, ykind, o, n, out):
-    """Store what `_dest` handed out (rounded to y's storage type) when it was not y itself."""
-    _, y_ok = _same_or(y, out)
-    if not y_ok:
-        store_row(y[o:o + n], 0, n, ykind, out[:n])
-
-
 @njit(fastmath=_REDUCE, cache=True, error_model="numpy")
 def _block_moments(a, cp):
     """(mean, M2) of a, in float64, by a corrected two-pass in the compute type: the deviations'
@@ -145,29 +136,6 @@ def _chan(mean, m2, cnt, bmean, bm2, bcnt):
     return mean + d * f, m2 + np.float64(bm2) + d * d * np.float64(cnt) * f, tot
 
 
-@njit(cache=True, error_model="numpy")
-def _chunk_moments(x, xkind, base, size, buf, cp):
-    """(mean, M2) in float64 of the contiguous run x[base:base + size], block by block."""
-    mu, m2, cnt = 0.0, 0.0, 0
-    for o in range(base, base + size, _BLOCK):
-        n = min(_BLOCK, base + size - o)
-        bm, bm2 = _block_moments(_read(x, xkind, o, n, buf), cp)
-        mu, m2, cnt = _chan(mu, m2, cnt, bm, bm2, n)
-    return mu, m2
-
-
-@njit(cache=True, error_model="numpy")
-def _affine(src, a, sh, silu, dst, cp):
-    """dst = silu?(src·a + sh), a and sh scalars."""
-    if silu:
-        for j in range(dst.size):
-            z = src[j] * a + sh
-            dst[j] = z / (cp[1] + _exp(-z))
-    else:
-        for j in range(dst.size):
-            dst[j] = src[j] * a + sh
-
-
 @njit(inline="always", cache=True, error_model="numpy")
 def _dsilu(d, z, one):
     """dy·silu'(z)."""
@@ -195,13 +163,6 @@ def _grad_sums(d, xs, mu, r, cp):
 
 
 @njit(cache=True, error_model="numpy")
-def _dnorm(d, xs, mu, r, wc, mg, mgx, dst):
-    """dx = rstd·(w·g − mg − x̂·mgx) with scalar statistics."""
-    for j in range(dst.size):
-        dst[j] = r * (wc * d[j] - mg - (xs[j] - mu) * r * mgx)
-
-
-@njit(cache=True, error_model="numpy")
 def _sum_over_n(parts, n_, c_, out):
     """out[c] = Σ_n parts[n, c], n = 0, 1, ... in order. Serial: N·C additions do not pay for
     a parallel region (which on a loaded machine waits for every thread to be scheduled)."""
@@ -215,33 +176,18 @@ def _sum_over_n(parts, n_, c_, out):
 # --- launch utilities ------------------------------------------------------------------------------
 
 
-def threads(work: int) -> int:
-    """Threads for a call over `work` elements: one below PARALLEL_GRAIN (set it with
-    numba.set_num_threads around the call), else numba's setting."""
-    return 1 if work < PARALLEL_GRAIN else numba.get_num_threads()
-
-
-class OneThreadIf:
-    """Run the kernels inside on the calling thread when `on` (small calls)."""
-
-    __slots__ = ("on", "previous")
-
-    def __init__(self, on: bool) -> None:
-        self.on = on
-
-    def __enter__(self) -> None:
-        if self.on:
-            self.previous = numba.get_num_threads()
-            numba.set_num_threads(1)
-
-    def __exit__(self, *exc) -> None:
-        if self.on:
-            numba.set_num_threads(self.previous)
+_CONSTS: dict[tuple[torch.dtype, float], np.ndarray] = {}
 
 
 def consts(ct: torch.dtype, eps: float) -> np.ndarray:
-    """Scalars in the compute type: eps, 1, 0."""
-    return np.array([eps, 1.0, 0.0], dtype=np.float64 if ct == torch.float64 else np.float32)
+    """Scalars in the compute type: eps, 1, 0 (cached: kernels only read them)."""
+    cp = _CONSTS.get((ct, eps))
+    if cp is None:
+        if len(_CONSTS) > 64:
+            _CONSTS.clear()
+        cp = _CONSTS[ct, eps] = np.array(
+            [eps, 1.0, 0.0], dtype=np.float64 if ct == torch.float64 else np.float32)
+    return cp
 
 
 
@@ -264,9 +210,3 @@ def conform(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
 def empty_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """A new tensor of x's shape and dtype with the layout's exact strides (as the fake ops)."""
     return torch.empty_strided(x.shape, layout_strides(x.shape, channels_last), dtype=x.dtype)
-
-
-def flat(t: torch.Tensor) -> tuple[np.ndarray, int]:
-    """(1-D numpy view of the memory t spans, kind): for the layouts here, element (n, c, s) at
-    its layout's offset."""
-    return as_flat_array(t)

@@ -14,10 +14,16 @@ Kernel contract (the same in `triton/batch_norm.py`):
 - backward: `training` says whether mean and var were the batch's (they then depend on x);
   otherwise dx = dy·w·rstd.
 
-How the work is laid out: channels-first input is read as N·C rows of S elements (one task per
-row: the row's moments, merged over n in order per channel; the same rows for y and the
-gradients). Channels-last input goes to `channels_last.py`
-(one group per channel), the pieces merged over (n, block) in order. Deterministic.
+How the work is laid out: channels-first input is one task per channel, whose N·S elements (N
+rows of S, C·S apart) are read in order of (n, s) in blocks of `_BLOCK` elements that may span
+rows, gathered into scratch (a block within one float row is read in place). Block moments by a
+corrected two-pass, merged in order with Chan's formula; then y, row segment by row segment. A
+channel of up to `_KEEP` elements keeps its gathered (converted) x, and in the backward dy, in
+scratch between the two sweeps, so the input is read from memory once; the backward's sweeps are
+Σdy, Σdy·x̂ (dbias, dweight), then dx, in the same task. The helpers are GroupNorm's
+(`group_norm.py`). Channels-last input goes to `channels_last.py` (one group per channel), the
+pieces merged over (n, block) in order. Every sum is in an order fixed by the shape:
+deterministic, whatever the threads.
 """
 
 from __future__ import annotations
@@ -29,90 +35,164 @@ from numba import njit, prange
 from . import channels_last as nhwc
 from ._channels import (
     _BLOCK,
-    OneThreadIf,
-    _affine,
+    _block_moments,
     _chan,
-    _chunk_moments,
     _dest,
-    _dnorm,
-    _flush,
     _grad_sums,
     _read,
-    _sum_over_n,
     conform,
     consts,
     empty_layout,
-    flat,
-    threads,
+)
+from ._dtypes import from_address, load_row
+from ._launch import serial_twin
+from .group_norm import (
+    _KEEP,
+    _scratch,
+    _span,
+    _store_affine,
+    _store_dnorm,
+    arg,
+    runs,
 )
 
-# --- channels first: one task per (n, c) row ------------------------------------------------------
+# --- channels first: one task per channel ---------------------------------------------------------
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def _moments_rows(x, xkind, rows, s_, cp, pmean, pm2):
-    for t in prange(rows):
-        buf = np.empty(min(s_, _BLOCK), cp.dtype)
-        pmean[t], pm2[t] = _chunk_moments(x, xkind, t * s_, s_, buf, cp)
+@njit(inline="always", cache=True, error_model="numpy")
+def _gather(x, xkind, c, p, k, c_, s_, dst):
+    """Elements p..p + k of channel c in (n, s) order, in the compute type: a view of x when they
+    lie in one row of it, else gathered into dst."""
+    n = p // s_
+    if p + k <= (n + 1) * s_:
+        return _read(x, xkind, (n * c_ + c) * s_ + p - n * s_, k, dst)
+    j = p
+    while j < p + k:
+        n = j // s_
+        e = min(p + k, (n + 1) * s_)
+        load_row(x, (n * c_ + c) * s_ + j - n * s_, e - j, xkind, dst[j - p:e - p])
+        j = e
+    return dst[:k]
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _gathered(x, c, p, k, c_, s_, dst):
+    """What `_gather` returned for the same block, from its kept copy in dst."""
+    n = p // s_
+    if p + k <= (n + 1) * s_:
+        return _dest(x, (n * c_ + c) * s_ + p - n * s_, k, dst)
+    return dst[:k]
 
 
 @njit(cache=True, error_model="numpy")
-def _merge_channels(pmean, pm2, n_, c_, count, mean, var):
-    """Per channel: the moments of its N pieces of `count` elements, merged in order of n."""
-    for c in range(c_):
+def _fwd_channel(x, xkind, w, b, y, ykind, mean, var, c, n_, c_, s_, cp, training, buf):
+    count = n_ * s_
+    keep = training and count <= _KEEP
+    if training:
         mu, m2, cnt = 0.0, 0.0, 0
-        for n in range(n_):
-            mu, m2, cnt = _chan(mu, m2, cnt, pmean[n * c_ + c], pm2[n * c_ + c], count)
+        for p in range(0, count, _BLOCK):
+            k = min(_BLOCK, count - p)
+            q = p if keep else 0
+            bm, bm2 = _block_moments(_gather(x, xkind, c, p, k, c_, s_, buf[q:q + k]), cp)
+            mu, m2, cnt = _chan(mu, m2, cnt, bm, bm2, k)
         mean[c] = mu
-        var[c] = m2 / cnt
+        var[c] = m2 / count
+    a = cp[1] / np.sqrt(var[c] + cp[0]) * w[c]
+    sh = b[c] - mean[c] * a
+    for p in range(0, count, _BLOCK):
+        k = min(_BLOCK, count - p)
+        if keep:
+            xs = _gathered(x, c, p, k, c_, s_, buf[p:p + k])
+        else:
+            xs = _gather(x, xkind, c, p, k, c_, s_, buf[:k])
+        j = p
+        while j < p + k:  # the block's row segments
+            n = j // s_
+            e = min(p + k, (n + 1) * s_)
+            _store_affine(xs[j - p:e - p], a, sh, False, y, (n * c_ + c) * s_ + j - n * s_,
+                          ykind, cp[1])
+            j = e
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _apply_rows(x, xkind, y, ykind, mean, var, w, b, n_, c_, s_, cp):
-    eps, one = cp[0], cp[1]
-    for t in prange(n_ * c_):
-        c = t % c_
-        a = one / np.sqrt(var[c] + eps) * w[c]
-        sh = b[c] - mean[c] * a
-        buf, out = np.empty(min(s_, _BLOCK), cp.dtype), np.empty(min(s_, _BLOCK), cp.dtype)
-        for o in range(t * s_, (t + 1) * s_, _BLOCK):
-            k = min(_BLOCK, (t + 1) * s_ - o)
-            _affine(_read(x, xkind, o, k, buf), a, sh, False, _dest(y, o, k, out), cp)
-            _flush(y, ykind, o, k, out)
+def _fwd_cf(xp, xt, xkind, wp, bp, yp, yt, ykind, meanp, varp, scr, n_, c_, s_, cp, training,
+            nruns):
+    total = n_ * c_ * s_
+    x, y = from_address(xp, total, xt), from_address(yp, total, yt)
+    w, b = from_address(wp, c_, cp), from_address(bp, c_, cp)
+    mean, var = from_address(meanp, c_, cp), from_address(varp, c_, cp)
+    per = scr.size // nruns
+    for i in prange(nruns):
+        buf = _scratch(scr, i * per, per)
+        lo, hi = _span(i, nruns, c_)
+        for c in range(lo, hi):
+            _fwd_channel(x, xkind, w, b, y, ykind, mean, var, c, n_, c_, s_, cp, training, buf)
+
+
+_fwd_cf_serial = serial_twin(_fwd_cf)
+
+
+@njit(cache=True, error_model="numpy")
+def _bwd_channel(dy, dykind, x, xkind, w, mean, var, dx, dxkind, dw, db, c, n_, c_, s_, cp,
+                 training, xb, gb):
+    """Sweep 0: dbias[c] = Σdy, dweight[c] = Σdy·x̂; sweep 1: dx = rstd·(w·dy − mg − x̂·mgx),
+    mg and mgx the channel means of w·dy and w·dy·x̂ (zero when the statistics are constants)."""
+    count = n_ * s_
+    keep = count <= _KEEP
+    mu, r = mean[c], cp[1] / np.sqrt(var[c] + cp[0])
+    s1, s2 = cp[2], cp[2]
+    for p in range(0, count, _BLOCK):
+        k = min(_BLOCK, count - p)
+        q = p if keep else 0
+        xs = _gather(x, xkind, c, p, k, c_, s_, xb[q:q + k])
+        ds = _gather(dy, dykind, c, p, k, c_, s_, gb[q:q + k])
+        a1, a2 = _grad_sums(ds, xs, mu, r, cp)
+        s1 += a1
+        s2 += a2
+    db[c], dw[c] = s1, s2
+    mg, mgx = cp[2], cp[2]
+    if training:
+        mg, mgx = w[c] * s1 / cp.dtype.type(count), w[c] * s2 / cp.dtype.type(count)
+    for p in range(0, count, _BLOCK):
+        k = min(_BLOCK, count - p)
+        if keep:
+            xs = _gathered(x, c, p, k, c_, s_, xb[p:p + k])
+            ds = _gathered(dy, c, p, k, c_, s_, gb[p:p + k])
+        else:
+            xs = _gather(x, xkind, c, p, k, c_, s_, xb[:k])
+            ds = _gather(dy, dykind, c, p, k, c_, s_, gb[:k])
+        j = p
+        while j < p + k:  # the block's row segments
+            n = j // s_
+            e = min(p + k, (n + 1) * s_)
+            _store_dnorm(ds[j - p:e - p], xs[j - p:e - p], mu, r, w[c], mg, mgx, dx,
+                         (n * c_ + c) * s_ + j - n * s_, dxkind)
+            j = e
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _grad_sums_rows(dy, dykind, x, xkind, mean, var, n_, c_, s_, cp, sdy, sdyx):
-    eps, one = cp[0], cp[1]
-    for t in prange(n_ * c_):
-        c = t % c_
-        mu, r = mean[c], one / np.sqrt(var[c] + eps)
-        xb, db = np.empty(min(s_, _BLOCK), cp.dtype), np.empty(min(s_, _BLOCK), cp.dtype)
-        s1, s2 = cp[2], cp[2]
-        for o in range(t * s_, (t + 1) * s_, _BLOCK):
-            k = min(_BLOCK, (t + 1) * s_ - o)
-            a1, a2 = _grad_sums(_read(dy, dykind, o, k, db), _read(x, xkind, o, k, xb), mu, r,
-                                cp)
-            s1 += a1
-            s2 += a2
-        sdy[t] = s1
-        sdyx[t] = s2
+def _bwd_cf(dyp, dyt, dykind, xp, xt, xkind, wp, meanp, varp, dxp, dxt, dxkind, dwp, dbp, scr,
+            n_, c_, s_, cp, training, nruns):
+    total = n_ * c_ * s_
+    dy, x = from_address(dyp, total, dyt), from_address(xp, total, xt)
+    dx = from_address(dxp, total, dxt)
+    w, dw, db = from_address(wp, c_, cp), from_address(dwp, c_, cp), from_address(dbp, c_, cp)
+    mean, var = from_address(meanp, c_, cp), from_address(varp, c_, cp)
+    per = scr.size // nruns // 2
+    for i in prange(nruns):
+        xb, gb = _scratch(scr, 2 * i * per, per), _scratch(scr, (2 * i + 1) * per, per)
+        lo, hi = _span(i, nruns, c_)
+        for c in range(lo, hi):
+            _bwd_channel(dy, dykind, x, xkind, w, mean, var, dx, dxkind, dw, db, c, n_, c_, s_,
+                         cp, training, xb, gb)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def _dx_rows(dy, dykind, x, xkind, dx, dxkind, mean, var, mg, mgx, w, n_, c_, s_, cp):
-    """dx = rstd·(w·dy − mg − x̂·mgx) per channel."""
-    eps, one = cp[0], cp[1]
-    for t in prange(n_ * c_):
-        c = t % c_
-        mu, r = mean[c], one / np.sqrt(var[c] + eps)
-        blk = min(s_, _BLOCK)
-        xb, db, ob = np.empty(blk, cp.dtype), np.empty(blk, cp.dtype), np.empty(blk, cp.dtype)
-        for o in range(t * s_, (t + 1) * s_, _BLOCK):
-            k = min(_BLOCK, (t + 1) * s_ - o)
-            _dnorm(_read(dy, dykind, o, k, db), _read(x, xkind, o, k, xb), mu, r, w[c], mg[c],
-                   mgx[c], _dest(dx, o, k, ob))
-            _flush(dx, dxkind, o, k, ob)
+_bwd_cf_serial = serial_twin(_bwd_cf)
+
+
+def _kept(count: int) -> int:
+    """Scratch elements per run and array: the channel when it is kept, else a block."""
+    return count if count <= _KEEP else _BLOCK
 
 
 # --- launchers ------------------------------------------------------------------------------------
@@ -136,15 +216,13 @@ def batch_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
             mean.fill_(float("nan"))
             var.fill_(float("nan"))
         return y, mean, var
-    xa, xk = flat(x)
-    ya, yk = flat(y)
-    wa, ba, ma, va = flat(weight)[0], flat(bias)[0], flat(mean)[0], flat(var)[0]
-    with OneThreadIf(threads(x.numel()) == 1):
-        if training:
-            pmean, pm2 = np.empty(n_ * c_, np.float64), np.empty(n_ * c_, np.float64)
-            _moments_rows(xa, xk, n_ * c_, s_, cp, pmean, pm2)
-            _merge_channels(pmean, pm2, n_, c_, s_, ma, va)
-        _apply_rows(xa, xk, ya, yk, ma, va, wa, ba, n_, c_, s_, cp)
+    ms, vs = mean.contiguous(), var.contiguous()  # (C,) already: kept alive for the call
+    nr = runs(x.numel(), c_)
+    scr = np.empty(nr * _kept(n_ * s_), cp.dtype)
+    kernel = _fwd_cf if nr > 1 else _fwd_cf_serial
+    kernel(*arg(x), weight.data_ptr(), bias.data_ptr(), *arg(y), ms.data_ptr(), vs.data_ptr(), scr,
+           n_, c_, s_, cp,
+           training, nr)
     return y, mean, var
 
 
@@ -159,23 +237,13 @@ def batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     ct = weight.dtype
     cp = consts(ct, eps)
     dx = empty_layout(x, False)
-    dw, db = torch.zeros(c_, dtype=ct), torch.zeros(c_, dtype=ct)
+    dw, db = torch.empty(c_, dtype=ct), torch.empty(c_, dtype=ct)
     if x.numel() == 0:
-        return dx, dw, db
-    dya, dyk = flat(dy)
-    xa, xk = flat(x)
-    dxa, dxk = flat(dx)
-    wa, ma, va = flat(weight)[0], flat(mean)[0], flat(var)[0]
-    dwa, dba = flat(dw)[0], flat(db)[0]
-    with OneThreadIf(threads(x.numel()) == 1):
-        psdy, psdyx = np.empty(n_ * c_, cp.dtype), np.empty(n_ * c_, cp.dtype)
-        _grad_sums_rows(dya, dyk, xa, xk, ma, va, n_, c_, s_, cp, psdy, psdyx)
-        _sum_over_n(psdy, n_, c_, dba)
-        _sum_over_n(psdyx, n_, c_, dwa)
-        # the means over the channel of w·dy and w·dy·x̂; zero when the statistics are constants
-        count = float(n_ * s_)
-        zeros = np.zeros(c_, cp.dtype)
-        mg = np.asarray(wa * dba / count, dtype=cp.dtype) if training else zeros
-        mgx = np.asarray(wa * dwa / count, dtype=cp.dtype) if training else zeros
-        _dx_rows(dya, dyk, xa, xk, dxa, dxk, ma, va, mg, mgx, wa, n_, c_, s_, cp)
+        return dx, dw.zero_(), db.zero_()
+    mean, var = mean.contiguous(), var.contiguous()
+    nr = runs(x.numel(), c_)
+    scr = np.empty(2 * nr * _kept(n_ * s_), cp.dtype)
+    kernel = _bwd_cf if nr > 1 else _bwd_cf_serial
+    kernel(*arg(dy), *arg(x), weight.data_ptr(), mean.data_ptr(), var.data_ptr(), *arg(dx),
+           dw.data_ptr(), db.data_ptr(), scr, n_, c_, s_, cp, training, nr)
     return dx, dw, db

@@ -254,20 +254,6 @@ def cl_rows(c: int) -> int:
     return max(1, _CL_BLOCK // max(c, 1))
 
 
-_CONSTS: dict = {}
-
-
-def _consts(ct: torch.dtype, eps: float) -> np.ndarray:
-    """`consts`, cached (also the tag of compute-type arguments). Kernels only read it."""
-    key = (ct, eps)
-    cp = _CONSTS.get(key)
-    if cp is None:
-        if len(_CONSTS) > 64:
-            _CONSTS.clear()
-        cp = _CONSTS[key] = consts(ct, eps)
-    return cp
-
-
 def _threads(x: torch.Tensor) -> int:
     return 1 if x.numel() < PARALLEL_GRAIN else numba.get_num_threads()
 
@@ -284,7 +270,7 @@ def group_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
     nt = _threads(x)
     kernel = _gn_fwd if nt > 1 else _gn_fwd_serial
     kernel(x.data_ptr(), y.data_ptr(), _TAGS[x.dtype], weight.data_ptr(), bias.data_ptr(),
-           mean.data_ptr(), var.data_ptr(), _consts(ct, eps), n_, s_, c_, groups, cl_rows(c_),
+           mean.data_ptr(), var.data_ptr(), consts(ct, eps), n_, s_, c_, groups, cl_rows(c_),
            silu, n_ >= 2 * nt, nt)
     return y, mean, var
 
@@ -305,7 +291,7 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     kernel = _gn_bwd if nt > 1 else _gn_bwd_serial
     kernel(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), _TAGS[x.dtype], weight.data_ptr(),
            bias.data_ptr(), mean.data_ptr(), var.data_ptr(), dw.data_ptr(), db.data_ptr(),
-           _consts(ct, eps), n_, s_, c_, groups, cl_rows(c_), silu, n_ >= 2 * nt, nt)
+           consts(ct, eps), n_, s_, c_, groups, cl_rows(c_), silu, n_ >= 2 * nt, nt)
     return dx, dw, db
 
 
@@ -329,7 +315,7 @@ def batch_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     nt = _threads(x)
     kernel = _bn_fwd if nt > 1 else _bn_fwd_serial
     kernel(x.data_ptr(), y.data_ptr(), _TAGS[x.dtype], weight.data_ptr(), bias.data_ptr(),
-           mean_c.data_ptr(), var_c.data_ptr(), _consts(ct, eps),
+           mean_c.data_ptr(), var_c.data_ptr(), consts(ct, eps),
            n_ * s_, c_, cl_rows(c_), training, nt)
     return y, mean, var
 
@@ -349,6 +335,6 @@ def batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     nt = _threads(x)
     kernel = _bn_bwd if nt > 1 else _bn_bwd_serial
     kernel(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), _TAGS[x.dtype], weight.data_ptr(),
-           mean.data_ptr(), var.data_ptr(), dw.data_ptr(), db.data_ptr(), _consts(ct, eps),
+           mean.data_ptr(), var.data_ptr(), dw.data_ptr(), db.data_ptr(), consts(ct, eps),
            n_ * s_, c_, cl_rows(c_), training, nt)
     return dx, dw, db

@@ -15,29 +15,37 @@ Kernel contract (the same in `triton/group_norm.py`; InstanceNorm is GroupNorm w
 - silu: y = silu(x̂·w + b); the backward recomputes z = x̂·w + b rather than storing it.
 - dweight, dbias: (C,) in the compute dtype.
 
-How the channels-first work is laid out, and why: one task per (n, g). The group is one
-contiguous run of C/G·S elements; it is read in blocks of `_BLOCK` elements, each block's
-moments taken by a corrected two-pass while it is in L1, the blocks merged in order with Chan's
-formula. The group is then normalized row by row while still in cache. The backward does the
-same: per-channel sums Σg, Σg·x̂ (kept for dweight/dbias), then dx, in one task. Every sum is in
-a fixed order: the results are bitwise deterministic.
+How the channels-first work is laid out, and why: one task per (n, g), whose group is one
+contiguous run of C/G·S elements, read in blocks of `_BLOCK` elements that may span channels.
+Sweep 1 takes each block's moments by a corrected two-pass while it is in L1 and merges the
+blocks in order with Chan's formula; sweep 2 normalizes each block channel segment by channel
+segment, storing straight into y's type. A group of up to `_KEEP` elements is converted to the
+compute type once, in sweep 1, into scratch that stays in L2 for sweep 2; larger groups are
+converted again. The backward is the same two sweeps (per-channel Σg, Σg·x̂, kept for
+dweight/dbias; then dx), keeping converted x and g = dy (dy·silu'(z)) between them. Every sum
+is in an order fixed by the shape: the results are bitwise deterministic, whatever the threads.
+
+Calls are cheap: tensors reach the kernels as addresses (`_launch.py`), scratch is unowned
+views of one array allocated per call, and small calls run the kernels' serial twins.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 from numba import njit, prange
+from numba.extending import overload
 
 from . import channels_last as nhwc
 from ._channels import (
     _BLOCK,
-    OneThreadIf,
-    _affine,
-    _chunk_moments,
+    _REDUCE,
+    PARALLEL_GRAIN,
+    _block_moments,
+    _chan,
     _dest,
-    _dnorm,
-    _flush,
+    _exp,
     _grad_sums,
     _read,
     _silu_grad,
@@ -45,106 +53,344 @@ from ._channels import (
     conform,
     consts,
     empty_layout,
-    flat,
-    threads,
 )
+from ._dtypes import BF16, bf16_to_f32, f32_to_bf16, f32_to_f16, from_address, is_bits, load_row
+from ._launch import TAGS, serial_twin
 
-_SILU_KEEP = 1 << 16  # groups up to this size keep dy·silu'(z) between the backward's sweeps
+# A group (BatchNorm: a channel) up to this many elements keeps its converted x (and g) in
+# scratch between the two sweeps: 256 KiB per array in float32, so both stay in L2.
+_KEEP = 1 << 16
+
+
+# --- helpers shared with batch_norm.py ------------------------------------------------------------
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _scratch(a, off, n):
+    """a[off:off + n] as a view that holds no reference (a slice of an owned array costs two
+    atomic operations, more than a short segment's arithmetic). `a` must be an argument of the
+    kernel, so it outlives the view."""
+    return from_address(a.ctypes.data + off * a.itemsize, n, a)
 
 
 @njit(inline="always", cache=True, error_model="numpy")
 def _span(i, parts, total):
-    """Tasks [lo, hi) of the i-th of `parts` equal runs (one run per thread: the scratch buffers
-    are allocated once per run; results do not depend on the split)."""
+    """Tasks [lo, hi) of the i-th of `parts` equal runs (one run per thread: scratch is per
+    run; results do not depend on the split)."""
     per = (total + parts - 1) // parts
     return i * per, min(total, (i + 1) * per)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def _fwd_cf(x, xkind, w, b, y, ykind, mean, var, n_, c_, s_, groups, cp, silu, runs):
+@njit(cache=True, error_model="numpy")
+def _silu(z, one):
+    return z / (one + _exp(-z))
+
+
+def _store_affine(src, a, sh, silu, y, yo, ykind, one):
+    """y[yo:yo + n] = silu?(src·a + sh) in y's storage type, n = src.size."""
+    raise NotImplementedError  # only callable from numba code
+
+
+@overload(_store_affine, inline="always", jit_options={"error_model": "numpy"})
+def _store_affine_impl(src, a, sh, silu, y, yo, ykind, one):
+    # One pass from the float segment to y's storage; the conversion branch is outside the loops.
+    # No FMA contraction: sh = b − mean·a holds a rounded product, which x·a must cancel alike.
+    if is_bits(y):
+
+        def impl(src, a, sh, silu, y, yo, ykind, one):
+            d = y[yo:yo + src.size]
+            if silu and ykind == BF16:
+                for j in range(d.size):
+                    z = src[j] * a + sh
+                    d[j] = f32_to_bf16(_silu(z, one))
+            elif silu:
+                for j in range(d.size):
+                    z = src[j] * a + sh
+                    d[j] = f32_to_f16(_silu(z, one))
+            elif ykind == BF16:
+                for j in range(d.size):
+                    d[j] = f32_to_bf16(src[j] * a + sh)
+            else:
+                for j in range(d.size):
+                    d[j] = f32_to_f16(src[j] * a + sh)
+
+        return impl
+
+    def native(src, a, sh, silu, y, yo, ykind, one):
+        d = y[yo:yo + src.size]
+        if silu:
+            for j in range(d.size):
+                z = src[j] * a + sh
+                d[j] = _silu(z, one)
+        else:
+            for j in range(d.size):
+                d[j] = src[j] * a + sh
+
+    return native
+
+
+def _store_dnorm(g, xs, mu, r, wc, mg, mgx, dx, o, dxkind):
+    """dx[o:o + n] = rstd·(w·g − mg − x̂·mgx) in dx's storage type, n = g.size, as
+    A·g + B·(x − mean) + C with the scalars folded (three operations an element, not seven)."""
+    raise NotImplementedError
+
+
+@overload(_store_dnorm, inline="always", jit_options={"error_model": "numpy"})
+def _store_dnorm_impl(g, xs, mu, r, wc, mg, mgx, dx, o, dxkind):
+    if is_bits(dx):
+
+        def impl(g, xs, mu, r, wc, mg, mgx, dx, o, dxkind):
+            d = dx[o:o + g.size]
+            fa, fb, fc = r * wc, -(r * r * mgx), -(r * mg)
+            if dxkind == BF16:
+                for j in range(d.size):
+                    d[j] = f32_to_bf16(fa * g[j] + fb * (xs[j] - mu) + fc)
+            else:
+                for j in range(d.size):
+                    d[j] = f32_to_f16(fa * g[j] + fb * (xs[j] - mu) + fc)
+
+        return impl
+
+    def native(g, xs, mu, r, wc, mg, mgx, dx, o, dxkind):
+        d = dx[o:o + g.size]
+        fa, fb, fc = r * wc, -(r * r * mgx), -(r * mg)
+        for j in range(d.size):
+            d[j] = fa * g[j] + fb * (xs[j] - mu) + fc
+
+    return native
+
+
+def _load_moments(x, xkind, o, n, buf, cp):
+    """(mean, M2) in float64 of x[o:o + n] as `_block_moments`, leaving it converted in buf when
+    x is not stored in the compute type; a bfloat16 block is converted and summed in one pass."""
+    raise NotImplementedError
+
+
+@overload(_load_moments, jit_options={"fastmath": _REDUCE, "error_model": "numpy"})
+def _load_moments_impl(x, xkind, o, n, buf, cp):
+    if is_bits(x):
+
+        def impl(x, xkind, o, n, buf, cp):
+            a = buf[:n]
+            if xkind != BF16:
+                load_row(x, o, n, xkind, a)
+                return _block_moments(a, cp)
+            xs, s = x[o:o + n], cp[2]
+            for j in range(n):
+                v = bf16_to_f32(xs[j])
+                a[j] = v
+                s += v
+            return _deviations(a, s, cp)
+
+        return impl
+
+    def native(x, xkind, o, n, buf, cp):
+        return _block_moments(x[o:o + n], cp)
+
+    return native
+
+
+@njit(fastmath=_REDUCE, cache=True, error_model="numpy")
+def _deviations(a, s, cp):
+    """`_block_moments` given s = Σa."""
+    mu = s / cp.dtype.type(a.size)
+    sd, ss = cp[2], cp[2]
+    for j in range(a.size):
+        d = a[j] - mu
+        sd += d
+        ss += d * d
+    sd64, n64 = np.float64(sd), np.float64(a.size)
+    return np.float64(mu) + sd64 / n64, np.float64(ss) - sd64 * sd64 / n64
+
+
+def _load_grad_sums(dy, dykind, x, xkind, o, n, gq, xq, mu, r, cp):
+    """(dy, x)[o:o + n] in the compute type (views, or converted into gq, xq) and their
+    (Σg, Σg·x̂) as `_grad_sums`; bfloat16 blocks are converted and summed in one pass."""
+    raise NotImplementedError
+
+
+@overload(_load_grad_sums, jit_options={"fastmath": _REDUCE, "error_model": "numpy"})
+def _load_grad_sums_impl(dy, dykind, x, xkind, o, n, gq, xq, mu, r, cp):
+    if is_bits(x) and is_bits(dy):
+
+        def impl(dy, dykind, x, xkind, o, n, gq, xq, mu, r, cp):
+            ds, xs = gq[:n], xq[:n]
+            if xkind != BF16 or dykind != BF16:
+                load_row(x, o, n, xkind, xs)
+                load_row(dy, o, n, dykind, ds)
+                s1, s2 = _grad_sums(ds, xs, mu, r, cp)
+                return ds, xs, s1, s2
+            xb, db = x[o:o + n], dy[o:o + n]
+            s1, s2 = cp[2], cp[2]
+            for j in range(n):
+                xv, g = bf16_to_f32(xb[j]), bf16_to_f32(db[j])
+                xs[j] = xv
+                ds[j] = g
+                s1 += g
+                s2 += g * ((xv - mu) * r)
+            return ds, xs, s1, s2
+
+        return impl
+
+    def mixed(dy, dykind, x, xkind, o, n, gq, xq, mu, r, cp):
+        xs, ds = _read(x, xkind, o, n, xq), _read(dy, dykind, o, n, gq)
+        s1, s2 = _grad_sums(ds, xs, mu, r, cp)
+        return ds, xs, s1, s2
+
+    return mixed
+
+
+def arg(t: torch.Tensor) -> tuple[int, np.ndarray, int]:
+    """(address, tag, kind) of a contiguous tensor (see `_launch.tensor_arg`)."""
+    tag, kind = TAGS[t.dtype]
+    return t.data_ptr(), tag, kind
+
+
+def runs(work: int, tasks: int) -> int:
+    """Runs of tasks for a call over `work` elements: 1 (the serial twin) below the grain."""
+    return 1 if work < PARALLEL_GRAIN else max(1, min(tasks, numba.get_num_threads()))
+
+
+# --- channels first: one task per (n, g) ----------------------------------------------------------
+
+
+@njit(cache=True, error_model="numpy")
+def _fwd_group(x, xkind, w, b, y, ykind, mean, var, t, c_, s_, groups, cp, silu, buf):
+    """Group t = (n, g): its moments (sweep 1), then y (sweep 2)."""
     cg = c_ // groups
     size = cg * s_
-    eps, one = cp[0], cp[1]
-    for i in prange(runs):
-        buf = np.empty(min(size, _BLOCK), cp.dtype)
-        out = np.empty(min(s_, _BLOCK), cp.dtype)
-        lo, hi = _span(i, runs, n_ * groups)
+    keep = size <= _KEEP
+    base, c0 = t * size, (t % groups) * cg
+    mu, m2, cnt = 0.0, 0.0, 0
+    for o in range(0, size, _BLOCK):
+        k = min(_BLOCK, size - o)
+        q = o if keep else 0
+        bm, bm2 = _load_moments(x, xkind, base + o, k, buf[q:q + k], cp)
+        mu, m2, cnt = _chan(mu, m2, cnt, bm, bm2, k) if o else (bm, bm2, k)
+    mean[t] = mu
+    var[t] = m2 / size
+    m, r = mean[t], cp[1] / np.sqrt(var[t] + cp[0])  # rounded as the backward will read them
+    for o in range(0, size, _BLOCK):
+        k = min(_BLOCK, size - o)
+        if keep:
+            xs = _dest(x, base + o, k, buf[o:o + k])  # x itself, or its kept conversion
+        else:
+            xs = _read(x, xkind, base + o, k, buf[:k])
+        j = o
+        while j < o + k:  # the block's channel segments
+            ci = j // s_
+            e = min(o + k, (ci + 1) * s_)
+            a = r * w[c0 + ci]
+            _store_affine(xs[j - o:e - o], a, b[c0 + ci] - m * a, silu, y, base + j, ykind,
+                          cp[1])
+            j = e
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _fwd_cf(xp, xt, xkind, wp, bp, yp, yt, ykind, meanp, varp, scr, n_, c_, s_, groups, cp,
+            silu, nruns):
+    total = n_ * c_ * s_
+    x, y = from_address(xp, total, xt), from_address(yp, total, yt)
+    w, b = from_address(wp, c_, cp), from_address(bp, c_, cp)
+    mean, var = from_address(meanp, n_ * groups, cp), from_address(varp, n_ * groups, cp)
+    per = scr.size // nruns
+    for i in prange(nruns):
+        buf = _scratch(scr, i * per, per)
+        lo, hi = _span(i, nruns, n_ * groups)
         for t in range(lo, hi):
-            g = t % groups
-            base = t * size
-            mu64, m2 = _chunk_moments(x, xkind, base, size, buf, cp)
-            mean[t] = mu64
-            var[t] = m2 / size
-            mu, v = mean[t], var[t]  # rounded as the backward will read them
-            r = one / np.sqrt(v + eps)
-            for ci in range(cg):
-                c = g * cg + ci
-                a = r * w[c]
-                sh = b[c] - mu * a
-                row = base + ci * s_
-                for o in range(row, row + s_, _BLOCK):
-                    n = min(_BLOCK, row + s_ - o)
-                    _affine(_read(x, xkind, o, n, buf), a, sh, silu, _dest(y, o, n, out), cp)
-                    _flush(y, ykind, o, n, out)
+            _fwd_group(x, xkind, w, b, y, ykind, mean, var, t, c_, s_, groups, cp, silu, buf)
+
+
+_fwd_cf_serial = serial_twin(_fwd_cf)
 
 
 @njit(cache=True, error_model="numpy")
 def _bwd_group(dy, dykind, x, xkind, w, b, mean, var, dx, dxkind, sdy, sdyx, t, c_, s_, groups,
-               cp, silu, keep, xb, db, gb, ob):
-    """Backward of group t = (n, g): sweep 0 sums Σg, Σg·x̂ per channel, sweep 1 writes dx."""
+               cp, silu, xb, gb, db):
+    """Backward of group t = (n, g): sweep 0 sums Σg, Σg·x̂ per channel, sweep 1 writes dx,
+    block by block and, within a block, channel segment by segment. xb and gb keep converted x
+    and g between the sweeps (g = dy·silu'(z), else dy); db takes a block of converted dy when
+    silu (never aliasing gb, so the silu loop vectorizes)."""
     cg = c_ // groups
     size = cg * s_
-    n, g = t // groups, t % groups
-    base = t * size
-    mu = mean[t]
-    r = cp[1] / np.sqrt(var[t] + cp[0])
-    gs, gsx, mg, mgx = cp[2], cp[2], cp[2], cp[2]
+    keep = size <= _KEEP
+    base, c0 = t * size, (t % groups) * cg
+    p0 = (t // groups) * c_ + c0  # the group's first (n, c) in sdy, sdyx
+    mu, r = mean[t], cp[1] / np.sqrt(var[t] + cp[0])
+    zero = cp[2]
+    for ci in range(cg):
+        sdy[p0 + ci] = zero
+        sdyx[p0 + ci] = zero
+    mg, mgx = zero, zero
     for sweep in range(2):
         if sweep == 1:
-            mg = gs / cp.dtype.type(size)
-            mgx = gsx / cp.dtype.type(size)
-        for ci in range(cg):
-            c = g * cg + ci
-            row = base + ci * s_
-            s1, s2 = cp[2], cp[2]
-            for o in range(row, row + s_, _BLOCK):
-                k = min(_BLOCK, row + s_ - o)
-                xs = _read(x, xkind, o, k, xb)
-                ds = _read(dy, dykind, o, k, db)
-                if silu:
-                    go = o - base if keep else 0
-                    if sweep == 0 or not keep:
-                        ds = _silu_grad(ds, xs, mu, r, w[c], b[c], gb[go:go + k], cp)
-                    else:
-                        ds = gb[go:go + k]
-                if sweep == 0:
-                    a1, a2 = _grad_sums(ds, xs, mu, r, cp)
-                    s1 += a1
-                    s2 += a2
+            gs, gsx = zero, zero
+            for ci in range(cg):
+                gs += w[c0 + ci] * sdy[p0 + ci]
+                gsx += w[c0 + ci] * sdyx[p0 + ci]
+            mg, mgx = gs / cp.dtype.type(size), gsx / cp.dtype.type(size)
+        fresh = sweep == 0 or not keep  # x and g are (re)computed, not kept
+        for o in range(0, size, _BLOCK):
+            e1 = min(o + _BLOCK, size)
+            j = o
+            while j < e1:  # the block's channel segments [j, e)
+                ci = j // s_
+                e = min(e1, (ci + 1) * s_)
+                c, k, q = c0 + ci, e - j, j if keep else j - o
+                xq, gq = xb[q:q + k], gb[q:q + k]
+                if fresh and silu:
+                    xs = _read(x, xkind, base + j, k, xq)
+                    g = _read(dy, dykind, base + j, k, db[j - o:e - o])
+                    g = _silu_grad(g, xs, mu, r, w[c], b[c], gq, cp)
+                    if sweep == 0:
+                        a1, a2 = _grad_sums(g, xs, mu, r, cp)
+                elif sweep == 0:
+                    g, xs, a1, a2 = _load_grad_sums(dy, dykind, x, xkind, base + j, k, gq, xq,
+                                                    mu, r, cp)
+                elif fresh:
+                    xs, g = _read(x, xkind, base + j, k, xq), _read(dy, dykind, base + j, k, gq)
                 else:
-                    _dnorm(ds, xs, mu, r, w[c], mg, mgx, _dest(dx, o, k, ob))
-                    _flush(dx, dxkind, o, k, ob)
-            if sweep == 0:
-                sdy[n * c_ + c] = s1
-                sdyx[n * c_ + c] = s2
-                gs += w[c] * s1
-                gsx += w[c] * s2
+                    xs = _dest(x, base + j, k, xq)
+                    g = gq if silu else _dest(dy, base + j, k, gq)
+                if sweep == 0:
+                    sdy[p0 + ci] += a1
+                    sdyx[p0 + ci] += a2
+                else:
+                    _store_dnorm(g, xs, mu, r, w[c], mg, mgx, dx, base + j, dxkind)
+                j = e
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _bwd_cf(dy, dykind, x, xkind, w, b, mean, var, dx, dxkind, sdy, sdyx, n_, c_, s_, groups,
-            cp, silu, runs):
-    cg = c_ // groups
-    size = cg * s_
-    blk = min(s_, _BLOCK)
-    keep = silu and size <= _SILU_KEEP  # g kept from the first sweep instead of recomputed
-    for i in prange(runs):
-        xb, db, ob = np.empty(blk, cp.dtype), np.empty(blk, cp.dtype), np.empty(blk, cp.dtype)
-        gb = np.empty(size if keep else blk, cp.dtype)
-        lo, hi = _span(i, runs, n_ * groups)
+def _bwd_cf(dyp, dyt, dykind, xp, xt, xkind, wp, bp, meanp, varp, dxp, dxt, dxkind, dwp, dbp,
+            scr, n_, c_, s_, groups, cp, silu, nruns):
+    total = n_ * c_ * s_
+    dy, x = from_address(dyp, total, dyt), from_address(xp, total, xt)
+    dx = from_address(dxp, total, dxt)
+    w, b = from_address(wp, c_, cp), from_address(bp, c_, cp)
+    dw, db = from_address(dwp, c_, cp), from_address(dbp, c_, cp)
+    mean, var = from_address(meanp, n_ * groups, cp), from_address(varp, n_ * groups, cp)
+    nc = n_ * c_
+    sdy, sdyx = _scratch(scr, 0, nc), _scratch(scr, nc, nc)  # Σg, Σg·x̂ per (n, c)
+    per = (scr.size - 2 * nc) // nruns
+    keep = per - _BLOCK  # xb and gb, then db
+    for i in prange(nruns):
+        at = 2 * nc + i * per
+        xb, gb = _scratch(scr, at, keep // 2), _scratch(scr, at + keep // 2, keep // 2)
+        dbk = _scratch(scr, at + keep, _BLOCK)
+        lo, hi = _span(i, nruns, n_ * groups)
         for t in range(lo, hi):
             _bwd_group(dy, dykind, x, xkind, w, b, mean, var, dx, dxkind, sdy, sdyx, t, c_, s_,
-                       groups, cp, silu, keep, xb, db, gb, ob)
+                       groups, cp, silu, xb, gb, dbk)
+    _sum_over_n(sdy, n_, c_, db)
+    _sum_over_n(sdyx, n_, c_, dw)
+
+
+_bwd_cf_serial = serial_twin(_bwd_cf)
+
+
+def _kept(size: int) -> int:
+    """Scratch elements per run and array: the whole group when it is kept, else a block."""
+    return size if size <= _KEEP else min(size, _BLOCK)
 
 
 # --- launchers ------------------------------------------------------------------------------------
@@ -159,18 +405,15 @@ def group_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
     n_, c_, s_ = x.shape
     cp = consts(weight.dtype, eps)
     y = empty_layout(x, False)
-    # statistics are internal (saved for backward): numpy-owned memory is cheaper to hand over
-    ma, va = np.empty(n_ * groups, cp.dtype), np.empty(n_ * groups, cp.dtype)
-    mean, var = torch.from_numpy(ma).view(n_, groups), torch.from_numpy(va).view(n_, groups)
+    mean = torch.empty((n_, groups), dtype=weight.dtype)
+    var = torch.empty((n_, groups), dtype=weight.dtype)
     if x.numel() == 0:
         return y, mean.fill_(float("nan")), var.fill_(float("nan"))
-    xa, xk = flat(x)
-    ya, yk = flat(y)
-    wa, ba = flat(weight)[0], flat(bias)[0]
-    nt = threads(x.numel())
-    with OneThreadIf(nt == 1):
-        _fwd_cf(xa, xk, wa, ba, ya, yk, ma, va, n_, c_, s_, groups, cp, silu,
-                max(1, min(n_ * groups, nt)))
+    nr = runs(x.numel(), n_ * groups)
+    scr = np.empty(nr * _kept(c_ // groups * s_), cp.dtype)
+    kernel = _fwd_cf if nr > 1 else _fwd_cf_serial
+    kernel(*arg(x), weight.data_ptr(), bias.data_ptr(), *arg(y), mean.data_ptr(), var.data_ptr(),
+           scr, n_, c_, s_, groups, cp, silu, nr)
     return y, mean, var
 
 
@@ -184,19 +427,14 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     n_, c_, s_ = x.shape
     cp = consts(weight.dtype, eps)
     dx = empty_layout(x, False)
-    dw = torch.zeros(c_, dtype=weight.dtype)
-    db = torch.zeros(c_, dtype=weight.dtype)
+    dw, db = torch.empty(c_, dtype=weight.dtype), torch.empty(c_, dtype=weight.dtype)
     if x.numel() == 0:
-        return dx, dw, db
-    sa, sxa = np.zeros(n_ * c_, cp.dtype), np.zeros(n_ * c_, cp.dtype)  # Σg, Σg·x̂ per (n, c)
-    dya, dyk = flat(dy)
-    xa, xk = flat(x)
-    dxa, dxk = flat(dx)
-    wa, ba, ma, va = flat(weight)[0], flat(bias)[0], flat(mean)[0], flat(var)[0]
-    nt = threads(x.numel())
-    with OneThreadIf(nt == 1):
-        _bwd_cf(dya, dyk, xa, xk, wa, ba, ma, va, dxa, dxk, sa, sxa, n_, c_, s_, groups, cp,
-                silu, max(1, min(n_ * groups, nt)))
-    _sum_over_n(sa, n_, c_, flat(db)[0])
-    _sum_over_n(sxa, n_, c_, flat(dw)[0])
+        return dx, dw.zero_(), db.zero_()
+    nr = runs(x.numel(), n_ * groups)
+    scr = np.empty(2 * n_ * c_ + nr * (2 * _kept(c_ // groups * s_) + _BLOCK), cp.dtype)
+    kernel = _bwd_cf if nr > 1 else _bwd_cf_serial
+    mean, var = mean.contiguous(), var.contiguous()
+    kernel(*arg(dy), *arg(x), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(),
+           var.data_ptr(), *arg(dx), dw.data_ptr(), db.data_ptr(), scr, n_, c_, s_, groups, cp,
+           silu, nr)
     return dx, dw, db
