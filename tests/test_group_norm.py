@@ -361,6 +361,34 @@ def test_cpu_result_does_not_depend_on_thread_count(channels_last, activation):
         assert torch.equal(a, b_)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("norm", ["group", "instance"])
+def test_cpu_batch_invariance_bitwise(norm, channels_last, dtype):
+    """Each sample alone gives the bits it gets inside the batch: y and every gradient. Five
+    samples run the per-sample channels-last kernel, one sample the per-block one; a slice
+    x[i:i + 1] of a channels_last batch must stay on the channels-last kernels."""
+    x, dy = randn(5, 16, 24, 24, dtype=dtype, mean=1.0, std=3.0), randn(5, 16, 24, 24,
+                                                                        dtype=dtype)
+    if channels_last:
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    w, b = randn(16, dtype=dtype), randn(16, dtype=dtype)
+
+    def outputs(x, dy):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        if norm == "group":
+            y = group_norm(leaves[0], 4, leaves[1], leaves[2])
+        else:
+            y = fusednorm.instance_norm(leaves[0], weight=leaves[1], bias=leaves[2])
+        return y.detach(), torch.autograd.grad(y, leaves[0], dy)[0]
+
+    batch_y, batch_dx = outputs(x, dy)
+    for i in range(x.shape[0]):
+        y, dx = outputs(x[i:i + 1], dy[i:i + 1])
+        assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert torch.equal(y, batch_y[i:i + 1]) and torch.equal(dx, batch_dx[i:i + 1])
+
+
 def test_fused_silu_large_group_cpu():
     # a group above the size whose silu'(z) the backward keeps between its sweeps
     x = randn(2, 4, 200, 200, mean=0.5)

@@ -53,7 +53,9 @@ def as_ncs(x: Tensor, prefer_channels_last: bool = False) -> tuple[Tensor, bool]
     if x.is_contiguous() and (s > 1 or not prefer_channels_last):
         return x.view(n, c, s), False  # the common case, without the checks below
     x3 = x.reshape(n, c, s)
-    if c > 1 and s > 1 and x3.stride() == layout_strides((n, c, s), True):
+    # a size-1 batch dim may have any stride (a slice x[i:i + 1] of a channels_last batch)
+    if c > 1 and s > 1 and all(a == b or size == 1 for a, b, size in
+                               zip(x3.stride(), layout_strides((n, c, s), True), x3.shape)):
         return x3, True
     cl = s == 1 and prefer_channels_last
     return x.contiguous().as_strided((n, c, s), layout_strides((n, c, s), cl)), cl

@@ -22,7 +22,10 @@ blocks in order with Chan's formula; sweep 2 normalizes each block channel segme
 segment, storing straight into y's type. A group of up to `_KEEP` elements is converted to the
 compute type once, in sweep 1, into scratch that stays in L2 for sweep 2; larger groups are
 converted again. The backward is the same two sweeps (per-channel Σg, Σg·x̂, kept for
-dweight/dbias; then dx), keeping converted x and g = dy (dy·silu'(z)) between them. Every sum
+dweight/dbias; then dx), keeping converted x and g = dy (dy·silu'(z)) between them. That blocked
+path serves float16 and SiLU's backward; float32 and bfloat16 groups are read where they lie
+(`_fwd_direct`, `_bwd_direct`): a bfloat16 value converts by a shift, cheaper to redo in each
+sweep than to copy, and the per-channel loops stay inside one function. Every sum
 is in an order fixed by the shape: the results are bitwise deterministic, whatever the threads.
 
 Calls are cheap: tensors reach the kernels as addresses (`_launch.py`), scratch is unowned
@@ -54,7 +57,16 @@ from ._channels import (
     consts,
     empty_layout,
 )
-from ._dtypes import BF16, bf16_to_f32, f32_to_bf16, f32_to_f16, from_address, is_bits, load_row
+from ._dtypes import (
+    BF16,
+    F16,
+    bf16_to_f32,
+    f32_to_bf16,
+    f32_to_f16,
+    from_address,
+    is_bits,
+    load_row,
+)
 from ._launch import TAGS, serial_twin
 
 # A group (BatchNorm: a channel) up to this many elements keeps its converted x (and g) in
@@ -81,6 +93,19 @@ def _span(i, parts, total):
     return i * per, min(total, (i + 1) * per)
 
 
+def _f(a, j):
+    """Element j of a float array, or of a bfloat16 one converted (never float16: its
+    conversion is too slow to repeat per sweep; float16 goes through scratch)."""
+    raise NotImplementedError
+
+
+@overload(_f, inline="always")
+def _f_impl(a, j):
+    if is_bits(a):
+        return lambda a, j: bf16_to_f32(a[j])
+    return lambda a, j: a[j]
+
+
 @njit(cache=True, error_model="numpy")
 def _silu(z, one):
     return z / (one + _exp(-z))
@@ -101,18 +126,18 @@ def _store_affine_impl(src, a, sh, silu, y, yo, ykind, one):
             d = y[yo:yo + src.size]
             if silu and ykind == BF16:
                 for j in range(d.size):
-                    z = src[j] * a + sh
+                    z = _f(src, j) * a + sh
                     d[j] = f32_to_bf16(_silu(z, one))
             elif silu:
                 for j in range(d.size):
-                    z = src[j] * a + sh
+                    z = _f(src, j) * a + sh
                     d[j] = f32_to_f16(_silu(z, one))
             elif ykind == BF16:
                 for j in range(d.size):
-                    d[j] = f32_to_bf16(src[j] * a + sh)
+                    d[j] = f32_to_bf16(_f(src, j) * a + sh)
             else:
                 for j in range(d.size):
-                    d[j] = f32_to_f16(src[j] * a + sh)
+                    d[j] = f32_to_f16(_f(src, j) * a + sh)
 
         return impl
 
@@ -120,11 +145,11 @@ def _store_affine_impl(src, a, sh, silu, y, yo, ykind, one):
         d = y[yo:yo + src.size]
         if silu:
             for j in range(d.size):
-                z = src[j] * a + sh
+                z = _f(src, j) * a + sh
                 d[j] = _silu(z, one)
         else:
             for j in range(d.size):
-                d[j] = src[j] * a + sh
+                d[j] = _f(src, j) * a + sh
 
     return native
 
@@ -144,10 +169,10 @@ def _store_dnorm_impl(g, xs, mu, r, wc, mg, mgx, dx, o, dxkind):
             fa, fb, fc = r * wc, -(r * r * mgx), -(r * mg)
             if dxkind == BF16:
                 for j in range(d.size):
-                    d[j] = f32_to_bf16(fa * g[j] + fb * (xs[j] - mu) + fc)
+                    d[j] = f32_to_bf16(fa * _f(g, j) + fb * (_f(xs, j) - mu) + fc)
             else:
                 for j in range(d.size):
-                    d[j] = f32_to_f16(fa * g[j] + fb * (xs[j] - mu) + fc)
+                    d[j] = f32_to_f16(fa * _f(g, j) + fb * (_f(xs, j) - mu) + fc)
 
         return impl
 
@@ -155,7 +180,7 @@ def _store_dnorm_impl(g, xs, mu, r, wc, mg, mgx, dx, o, dxkind):
         d = dx[o:o + g.size]
         fa, fb, fc = r * wc, -(r * r * mgx), -(r * mg)
         for j in range(d.size):
-            d[j] = fa * g[j] + fb * (xs[j] - mu) + fc
+            d[j] = fa * _f(g, j) + fb * (_f(xs, j) - mu) + fc
 
     return native
 
@@ -201,6 +226,43 @@ def _deviations(a, s, cp):
         ss += d * d
     sd64, n64 = np.float64(sd), np.float64(a.size)
     return np.float64(mu) + sd64 / n64, np.float64(ss) - sd64 * sd64 / n64
+
+
+@njit(fastmath=_REDUCE, cache=True, error_model="numpy")
+def _run_moments(a, cp):
+    """(mean, M2) in float64 of the run a (float or bfloat16): `_block_moments` of each block of
+    `_BLOCK` (read twice while in L1, never copied), merged in order with Chan's formula."""
+    mu, m2, cnt = 0.0, 0.0, 0
+    for o in range(0, a.size, _BLOCK):
+        blk = a[o:o + _BLOCK]
+        k = blk.size
+        s = cp[2]
+        for j in range(k):
+            s += _f(blk, j)
+        m = s / cp.dtype.type(k)
+        sd, ss = cp[2], cp[2]
+        for j in range(k):
+            d = _f(blk, j) - m
+            sd += d
+            ss += d * d
+        sd64, n64 = np.float64(sd), np.float64(k)
+        bm, bm2 = np.float64(m) + sd64 / n64, np.float64(ss) - sd64 * sd64 / n64
+        mu, m2, cnt = _chan(mu, m2, cnt, bm, bm2, k) if o else (bm, bm2, k)
+    return mu, m2
+
+
+@njit(fastmath=_REDUCE, cache=True, error_model="numpy")
+def _segment_grad_sums(g, xs, nseg, s_, step, mu, r, s1, s2, cp):
+    """s1[i], s2[i] = Σg, Σg·x̂ over segment i, [i·step, i·step + s_), of the runs g, xs (float
+    or bfloat16), i < nseg: a group's channels, or a BatchNorm channel's rows; no copy."""
+    for i in range(nseg):
+        gi, xi = g[i * step:i * step + s_], xs[i * step:i * step + s_]
+        a1, a2 = cp[2], cp[2]
+        for j in range(s_):
+            v = _f(gi, j)
+            a1 += v
+            a2 += v * ((_f(xi, j) - mu) * r)
+        s1[i], s2[i] = a1, a2
 
 
 def _load_grad_sums(dy, dykind, x, xkind, o, n, gq, xq, mu, r, cp):
@@ -286,6 +348,21 @@ def _fwd_group(x, xkind, w, b, y, ykind, mean, var, t, c_, s_, groups, cp, silu,
             j = e
 
 
+@njit(cache=True, error_model="numpy")
+def _fwd_direct(xs, w, b, y, ykind, mean, var, t, c0, cg, s_, cp, silu):
+    """Group t read where it lies (xs: its float or bfloat16 run): moments, then y channel by
+    channel, all loops in this function or inlined (per-call costs dominate short channels)."""
+    size = cg * s_
+    mu, m2 = _run_moments(xs, cp)
+    mean[t] = mu
+    var[t] = m2 / size
+    m, r = mean[t], cp[1] / np.sqrt(var[t] + cp[0])  # rounded as the backward will read them
+    for ci in range(cg):
+        a = r * w[c0 + ci]
+        _store_affine(xs[ci * s_:(ci + 1) * s_], a, b[c0 + ci] - m * a, silu, y,
+                      t * size + ci * s_, ykind, cp[1])
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _fwd_cf(xp, xt, xkind, wp, bp, yp, yt, ykind, meanp, varp, scr, n_, c_, s_, groups, cp,
             silu, nruns):
@@ -297,8 +374,14 @@ def _fwd_cf(xp, xt, xkind, wp, bp, yp, yt, ykind, meanp, varp, scr, n_, c_, s_, 
     for i in prange(nruns):
         buf = _scratch(scr, i * per, per)
         lo, hi = _span(i, nruns, n_ * groups)
+        size = c_ // groups * s_
         for t in range(lo, hi):
-            _fwd_group(x, xkind, w, b, y, ykind, mean, var, t, c_, s_, groups, cp, silu, buf)
+            if xkind == F16:
+                _fwd_group(x, xkind, w, b, y, ykind, mean, var, t, c_, s_, groups, cp, silu,
+                           buf)
+            else:
+                _fwd_direct(x[t * size:(t + 1) * size], w, b, y, ykind, mean, var, t,
+                            (t % groups) * (c_ // groups), c_ // groups, s_, cp, silu)
 
 
 _fwd_cf_serial = serial_twin(_fwd_cf)
@@ -360,6 +443,23 @@ def _bwd_group(dy, dykind, x, xkind, w, b, mean, var, dx, dxkind, sdy, sdyx, t, 
                 j = e
 
 
+@njit(cache=True, error_model="numpy")
+def _bwd_direct(g, xs, w, mean, var, dx, dxkind, sdy, sdyx, t, c0, cg, s_, cp):
+    """Backward of group t without SiLU, dy and x read where they lie (g, xs: the group's float
+    or bfloat16 runs, cheaper to read twice than to copy): Σg, Σg·x̂ per channel, then dx."""
+    mu, r = mean[t], cp[1] / np.sqrt(var[t] + cp[0])
+    _segment_grad_sums(g, xs, cg, s_, s_, mu, r, sdy, sdyx, cp)
+    gs, gsx = cp[2], cp[2]
+    for ci in range(cg):
+        gs += w[c0 + ci] * sdy[ci]
+        gsx += w[c0 + ci] * sdyx[ci]
+    mg, mgx = gs / cp.dtype.type(cg * s_), gsx / cp.dtype.type(cg * s_)
+    for ci in range(cg):
+        lo, hi = ci * s_, (ci + 1) * s_
+        _store_dnorm(g[lo:hi], xs[lo:hi], mu, r, w[c0 + ci], mg, mgx, dx, t * cg * s_ + lo,
+                     dxkind)
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _bwd_cf(dyp, dyt, dykind, xp, xt, xkind, wp, bp, meanp, varp, dxp, dxt, dxkind, dwp, dbp,
             scr, n_, c_, s_, groups, cp, silu, nruns):
@@ -378,9 +478,15 @@ def _bwd_cf(dyp, dyt, dykind, xp, xt, xkind, wp, bp, meanp, varp, dxp, dxt, dxki
         xb, gb = _scratch(scr, at, keep // 2), _scratch(scr, at + keep // 2, keep // 2)
         dbk = _scratch(scr, at + keep, _BLOCK)
         lo, hi = _span(i, nruns, n_ * groups)
+        cg = c_ // groups
         for t in range(lo, hi):
-            _bwd_group(dy, dykind, x, xkind, w, b, mean, var, dx, dxkind, sdy, sdyx, t, c_, s_,
-                       groups, cp, silu, xb, gb, dbk)
+            if silu or xkind == F16 or dykind == F16:
+                _bwd_group(dy, dykind, x, xkind, w, b, mean, var, dx, dxkind, sdy, sdyx, t, c_,
+                           s_, groups, cp, silu, xb, gb, dbk)
+            else:
+                p0, o = (t // groups) * c_ + (t % groups) * cg, t * cg * s_
+                _bwd_direct(dy[o:o + cg * s_], x[o:o + cg * s_], w, mean, var, dx, dxkind,
+                            sdy[p0:p0 + cg], sdyx[p0:p0 + cg], t, (t % groups) * cg, cg, s_, cp)
     _sum_over_n(sdy, n_, c_, db)
     _sum_over_n(sdyx, n_, c_, dw)
 
