@@ -19,7 +19,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from ._dtypes import load_row
+from ._dtypes import as_float, load_row
 
 # Reassociation (and FMA contraction) for the reductions only, so LLVM vectorizes them. Never
 # nnan/ninf: NaN and inf must propagate as in torch.
@@ -153,12 +153,12 @@ def _silu_grad(d, xs, mu, r, wc, bc, out, cp):
 
 @njit(fastmath=_REDUCE, cache=True, error_model="numpy")
 def _grad_sums(d, xs, mu, r, cp):
-    """(Σ g, Σ g·x̂) over one block."""
+    """(Σ g, Σ g·x̂) over one block (float, or bfloat16 read in place)."""
     s1, s2 = cp[2], cp[2]
     for j in range(d.size):
-        g = d[j]
+        g = as_float(d, j)
         s1 += g
-        s2 += g * ((xs[j] - mu) * r)
+        s2 += g * ((as_float(xs, j) - mu) * r)
     return s1, s2
 
 

@@ -223,6 +223,19 @@ def is_bits(a) -> bool:
     return isinstance(a, types.Array) and a.dtype == types.uint16
 
 
+def as_float(a, j):
+    """Element j of a float array, or of a bfloat16 one converted (never float16: its
+    conversion is too slow to repeat per sweep; float16 goes through scratch)."""
+    raise NotImplementedError
+
+
+@overload(as_float, inline="always")
+def _as_float(a, j):
+    if is_bits(a):
+        return lambda a, j: bf16_to_f32(a[j])
+    return lambda a, j: a[j]
+
+
 @overload(load)
 def _load(a, i, kind):
     if is_bits(a):

@@ -14,15 +14,18 @@ Kernel contract (the same in `triton/batch_norm.py`):
 - backward: `training` says whether mean and var were the batch's (they then depend on x);
   otherwise dx = dy·w·rstd.
 
-How the work is laid out: channels-first input is one task per channel, whose N·S elements (N
-rows of S, C·S apart) are read in order of (n, s) in blocks of `_BLOCK` elements that may span
-rows, gathered into scratch (a block within one float row is read in place). Block moments by a
-corrected two-pass, merged in order with Chan's formula; then y, row segment by row segment. A
-channel of up to `_KEEP` elements keeps its gathered (converted) x, and in the backward dy, in
-scratch between the two sweeps, so the input is read from memory once; the backward's sweeps are
-Σdy, Σdy·x̂ (dbias, dweight), then dx, in the same task. The helpers are GroupNorm's
-(`group_norm.py`). Channels-last input goes to `channels_last.py` (one group per channel), the
-pieces merged over (n, block) in order. Every sum is in an order fixed by the shape:
+How the work is laid out, channels first: float32 and bfloat16 are read in place, in memory
+order (a channel's rows are C·S apart: walking one channel at a time strides across pages and
+measured up to 2.5x slower). The statistics: N is split by its size alone into up to `_CHUNKS`
+runs of samples; a run's rows (n, c) are read in order, each row's moments taken by a corrected
+two-pass (`_run_moments`) and merged into its channel's in sample order with Chan's formula;
+the runs are merged in order. Then y over all rows in order. The backward likewise: per-run
+Σdy, Σdy·x̂ per channel (each row summed whole), added in run order (dbias, dweight), then dx
+in order. float16, whose conversion is too slow to repeat, is one task per channel instead,
+read in blocks of `_BLOCK` elements that may span rows, gathered and converted into scratch
+that keeps a channel of up to `_KEEP` elements between the two sweeps. The helpers are
+GroupNorm's (`group_norm.py`). Channels-last input goes to `channels_last.py` (one group per
+channel), the pieces merged over (n, block) in order. Every sum is in an order fixed by the shape:
 deterministic, whatever the threads.
 """
 
@@ -44,10 +47,11 @@ from ._channels import (
     consts,
     empty_layout,
 )
-from ._dtypes import from_address, load_row
+from ._dtypes import F16, from_address, load_row
 from ._launch import serial_twin
 from .group_norm import (
     _KEEP,
+    _run_moments,
     _scratch,
     _span,
     _store_affine,
@@ -55,6 +59,8 @@ from .group_norm import (
     arg,
     runs,
 )
+
+_CHUNKS = 16  # runs of samples whose per-channel statistics are merged in order
 
 # --- channels first: one task per channel ---------------------------------------------------------
 
@@ -114,6 +120,42 @@ def _fwd_channel(x, xkind, w, b, y, ykind, mean, var, c, n_, c_, s_, cp, trainin
             j = e
 
 
+@njit(cache=True, error_model="numpy")
+def _chunks(n_):
+    """(samples per chunk, chunks): N split into up to `_CHUNKS` runs of samples, from N alone."""
+    per = (n_ + _CHUNKS - 1) // _CHUNKS
+    return per, (n_ + per - 1) // per
+
+
+@njit(cache=True, error_model="numpy")
+def _chunk_moments(x, n0, n1, c_, s_, cp, pm, pm2):
+    """Per-channel float64 (mean, M2) of samples n0..n1 into pm, pm2 (C), read in memory order:
+    each row's moments (`_run_moments`, in place) merged in sample order with Chan's formula."""
+    for n in range(n0, n1):
+        for c in range(c_):
+            o = (n * c_ + c) * s_
+            rm, rm2 = _run_moments(x[o:o + s_], cp)
+            if n == n0:
+                pm[c], pm2[c] = rm, rm2
+            else:
+                pm[c], pm2[c], _ = _chan(pm[c], pm2[c], (n - n0) * s_, rm, rm2, s_)
+
+
+@njit(cache=True, error_model="numpy")
+def _chunk_grad_sums(dy, x, n0, n1, c_, s_, co, cp, s1, s2):
+    """Per-channel Σdy and Σdy·x̂ of samples n0..n1 into s1, s2 (C), dy and x read in place in
+    memory order, each row summed whole then added in sample order; co: mean and rstd (2·C)."""
+    for n in range(n0, n1):
+        for c in range(c_):
+            o = (n * c_ + c) * s_
+            a1, a2 = _grad_sums(dy[o:o + s_], x[o:o + s_], co[c], co[c_ + c], cp)
+            if n == n0:
+                s1[c], s2[c] = a1, a2
+            else:
+                s1[c] += a1
+                s2[c] += a2
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _fwd_cf(xp, xt, xkind, wp, bp, yp, yt, ykind, meanp, varp, scr, n_, c_, s_, cp, training,
             nruns):
@@ -121,12 +163,40 @@ def _fwd_cf(xp, xt, xkind, wp, bp, yp, yt, ykind, meanp, varp, scr, n_, c_, s_, 
     x, y = from_address(xp, total, xt), from_address(yp, total, yt)
     w, b = from_address(wp, c_, cp), from_address(bp, c_, cp)
     mean, var = from_address(meanp, c_, cp), from_address(varp, c_, cp)
-    per = scr.size // nruns
-    for i in prange(nruns):
-        buf = _scratch(scr, i * per, per)
-        lo, hi = _span(i, nruns, c_)
-        for c in range(lo, hi):
-            _fwd_channel(x, xkind, w, b, y, ykind, mean, var, c, n_, c_, s_, cp, training, buf)
+    if xkind == F16:
+        per = scr.size // nruns
+        for i in prange(nruns):
+            buf = _scratch(scr, i * per, per)
+            lo, hi = _span(i, nruns, c_)
+            for c in range(lo, hi):
+                _fwd_channel(x, xkind, w, b, y, ykind, mean, var, c, n_, c_, s_, cp, training,
+                             buf)
+        return
+    if training:
+        per, nch = _chunks(n_)
+        pm = np.empty(2 * nch * c_)
+        for i in prange(nruns):
+            lo, hi = _span(i, nruns, nch)
+            for k in range(lo, hi):
+                _chunk_moments(x, k * per, min(n_, (k + 1) * per), c_, s_, cp,
+                               pm[2 * k * c_:(2 * k + 1) * c_], pm[(2 * k + 1) * c_:(2 * k + 2) * c_])
+        for c in range(c_):  # the chunks merged in order
+            mu, m2, cnt = 0.0, 0.0, 0
+            for k in range(nch):
+                mu, m2, cnt = _chan(mu, m2, cnt, pm[2 * k * c_ + c], pm[(2 * k + 1) * c_ + c],
+                                    (min(n_, (k + 1) * per) - k * per) * s_)
+            mean[c] = mu
+            var[c] = m2 / cnt
+    ab = np.empty(2 * c_, cp.dtype)
+    for c in range(c_):
+        ab[c] = cp[1] / np.sqrt(var[c] + cp[0]) * w[c]
+        ab[c_ + c] = b[c] - mean[c] * ab[c]
+    for i in prange(nruns):  # y in memory order: the rows (n, c) streamed
+        lo, hi = _span(i, nruns, n_ * c_)
+        for q in range(lo, hi):
+            c = q % c_
+            _store_affine(x[q * s_:(q + 1) * s_], ab[c], ab[c_ + c], False, y, q * s_, ykind,
+                          cp[1])
 
 
 _fwd_cf_serial = serial_twin(_fwd_cf)
@@ -178,13 +248,42 @@ def _bwd_cf(dyp, dyt, dykind, xp, xt, xkind, wp, meanp, varp, dxp, dxt, dxkind, 
     dx = from_address(dxp, total, dxt)
     w, dw, db = from_address(wp, c_, cp), from_address(dwp, c_, cp), from_address(dbp, c_, cp)
     mean, var = from_address(meanp, c_, cp), from_address(varp, c_, cp)
-    per = scr.size // nruns // 2
+    if xkind == F16 or dykind == F16:
+        per = scr.size // nruns // 2
+        for i in prange(nruns):
+            xb, gb = _scratch(scr, 2 * i * per, per), _scratch(scr, (2 * i + 1) * per, per)
+            lo, hi = _span(i, nruns, c_)
+            for c in range(lo, hi):
+                _bwd_channel(dy, dykind, x, xkind, w, mean, var, dx, dxkind, dw, db, c, n_,
+                             c_, s_, cp, training, xb, gb)
+        return
+    co = np.empty(4 * c_, cp.dtype)  # per channel: mean, rstd, the means of w·dy, w·dy·x̂
+    for c in range(c_):
+        co[c], co[c_ + c] = mean[c], cp[1] / np.sqrt(var[c] + cp[0])
+    per, nch = _chunks(n_)
+    ps = np.empty(2 * nch * c_, cp.dtype)  # per chunk: Σdy, Σdy·x̂ per channel
     for i in prange(nruns):
-        xb, gb = _scratch(scr, 2 * i * per, per), _scratch(scr, (2 * i + 1) * per, per)
-        lo, hi = _span(i, nruns, c_)
-        for c in range(lo, hi):
-            _bwd_channel(dy, dykind, x, xkind, w, mean, var, dx, dxkind, dw, db, c, n_, c_, s_,
-                         cp, training, xb, gb)
+        lo, hi = _span(i, nruns, nch)
+        for k in range(lo, hi):
+            _chunk_grad_sums(dy, x, k * per, min(n_, (k + 1) * per), c_, s_, co, cp,
+                             ps[2 * k * c_:(2 * k + 1) * c_], ps[(2 * k + 1) * c_:(2 * k + 2) * c_])
+    for c in range(c_):
+        s1, s2 = ps[c], ps[c_ + c]
+        for k in range(1, nch):
+            s1 += ps[2 * k * c_ + c]
+            s2 += ps[(2 * k + 1) * c_ + c]
+        db[c], dw[c] = s1, s2
+        co[2 * c_ + c], co[3 * c_ + c] = cp[2], cp[2]  # zero when the statistics are constants
+        if training:
+            co[2 * c_ + c] = w[c] * s1 / cp.dtype.type(n_ * s_)
+            co[3 * c_ + c] = w[c] * s2 / cp.dtype.type(n_ * s_)
+    for i in prange(nruns):  # dx in memory order
+        lo, hi = _span(i, nruns, n_ * c_)
+        for q in range(lo, hi):
+            c = q % c_
+            o = q * s_
+            _store_dnorm(dy[o:o + s_], x[o:o + s_], co[c], co[c_ + c], w[c], co[2 * c_ + c],
+                         co[3 * c_ + c], dx, o, dxkind)
 
 
 _bwd_cf_serial = serial_twin(_bwd_cf)
@@ -218,7 +317,7 @@ def batch_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         return y, mean, var
     ms, vs = mean.contiguous(), var.contiguous()  # (C,) already: kept alive for the call
     nr = runs(x.numel(), c_)
-    scr = np.empty(nr * _kept(n_ * s_), cp.dtype)
+    scr = np.empty(nr * _kept(n_ * s_) if x.dtype == torch.float16 else 0, cp.dtype)
     kernel = _fwd_cf if nr > 1 else _fwd_cf_serial
     kernel(*arg(x), weight.data_ptr(), bias.data_ptr(), *arg(y), ms.data_ptr(), vs.data_ptr(), scr,
            n_, c_, s_, cp,
@@ -242,7 +341,8 @@ def batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
         return dx, dw.zero_(), db.zero_()
     mean, var = mean.contiguous(), var.contiguous()
     nr = runs(x.numel(), c_)
-    scr = np.empty(2 * nr * _kept(n_ * s_), cp.dtype)
+    half = torch.float16 in (x.dtype, dy.dtype)  # (the blocked path, with its scratch)
+    scr = np.empty(2 * nr * _kept(n_ * s_) if half else 0, cp.dtype)
     kernel = _bwd_cf if nr > 1 else _bwd_cf_serial
     kernel(*arg(dy), *arg(x), weight.data_ptr(), mean.data_ptr(), var.data_ptr(), *arg(dx),
            dw.data_ptr(), db.data_ptr(), scr, n_, c_, s_, cp, training, nr)

@@ -60,6 +60,7 @@ from ._channels import (
 from ._dtypes import (
     BF16,
     F16,
+    as_float,
     bf16_to_f32,
     f32_to_bf16,
     f32_to_f16,
@@ -93,19 +94,6 @@ def _span(i, parts, total):
     return i * per, min(total, (i + 1) * per)
 
 
-def _f(a, j):
-    """Element j of a float array, or of a bfloat16 one converted (never float16: its
-    conversion is too slow to repeat per sweep; float16 goes through scratch)."""
-    raise NotImplementedError
-
-
-@overload(_f, inline="always")
-def _f_impl(a, j):
-    if is_bits(a):
-        return lambda a, j: bf16_to_f32(a[j])
-    return lambda a, j: a[j]
-
-
 @njit(cache=True, error_model="numpy")
 def _silu(z, one):
     return z / (one + _exp(-z))
@@ -126,18 +114,18 @@ def _store_affine_impl(src, a, sh, silu, y, yo, ykind, one):
             d = y[yo:yo + src.size]
             if silu and ykind == BF16:
                 for j in range(d.size):
-                    z = _f(src, j) * a + sh
+                    z = as_float(src, j) * a + sh
                     d[j] = f32_to_bf16(_silu(z, one))
             elif silu:
                 for j in range(d.size):
-                    z = _f(src, j) * a + sh
+                    z = as_float(src, j) * a + sh
                     d[j] = f32_to_f16(_silu(z, one))
             elif ykind == BF16:
                 for j in range(d.size):
-                    d[j] = f32_to_bf16(_f(src, j) * a + sh)
+                    d[j] = f32_to_bf16(as_float(src, j) * a + sh)
             else:
                 for j in range(d.size):
-                    d[j] = f32_to_f16(_f(src, j) * a + sh)
+                    d[j] = f32_to_f16(as_float(src, j) * a + sh)
 
         return impl
 
@@ -145,11 +133,11 @@ def _store_affine_impl(src, a, sh, silu, y, yo, ykind, one):
         d = y[yo:yo + src.size]
         if silu:
             for j in range(d.size):
-                z = _f(src, j) * a + sh
+                z = as_float(src, j) * a + sh
                 d[j] = _silu(z, one)
         else:
             for j in range(d.size):
-                d[j] = _f(src, j) * a + sh
+                d[j] = as_float(src, j) * a + sh
 
     return native
 
@@ -169,10 +157,10 @@ def _store_dnorm_impl(g, xs, mu, r, wc, mg, mgx, dx, o, dxkind):
             fa, fb, fc = r * wc, -(r * r * mgx), -(r * mg)
             if dxkind == BF16:
                 for j in range(d.size):
-                    d[j] = f32_to_bf16(fa * _f(g, j) + fb * (_f(xs, j) - mu) + fc)
+                    d[j] = f32_to_bf16(fa * as_float(g, j) + fb * (as_float(xs, j) - mu) + fc)
             else:
                 for j in range(d.size):
-                    d[j] = f32_to_f16(fa * _f(g, j) + fb * (_f(xs, j) - mu) + fc)
+                    d[j] = f32_to_f16(fa * as_float(g, j) + fb * (as_float(xs, j) - mu) + fc)
 
         return impl
 
@@ -180,7 +168,7 @@ def _store_dnorm_impl(g, xs, mu, r, wc, mg, mgx, dx, o, dxkind):
         d = dx[o:o + g.size]
         fa, fb, fc = r * wc, -(r * r * mgx), -(r * mg)
         for j in range(d.size):
-            d[j] = fa * _f(g, j) + fb * (_f(xs, j) - mu) + fc
+            d[j] = fa * as_float(g, j) + fb * (as_float(xs, j) - mu) + fc
 
     return native
 
@@ -238,31 +226,17 @@ def _run_moments(a, cp):
         k = blk.size
         s = cp[2]
         for j in range(k):
-            s += _f(blk, j)
+            s += as_float(blk, j)
         m = s / cp.dtype.type(k)
         sd, ss = cp[2], cp[2]
         for j in range(k):
-            d = _f(blk, j) - m
+            d = as_float(blk, j) - m
             sd += d
             ss += d * d
         sd64, n64 = np.float64(sd), np.float64(k)
         bm, bm2 = np.float64(m) + sd64 / n64, np.float64(ss) - sd64 * sd64 / n64
         mu, m2, cnt = _chan(mu, m2, cnt, bm, bm2, k) if o else (bm, bm2, k)
     return mu, m2
-
-
-@njit(fastmath=_REDUCE, cache=True, error_model="numpy")
-def _segment_grad_sums(g, xs, nseg, s_, step, mu, r, s1, s2, cp):
-    """s1[i], s2[i] = Σg, Σg·x̂ over segment i, [i·step, i·step + s_), of the runs g, xs (float
-    or bfloat16), i < nseg: a group's channels, or a BatchNorm channel's rows; no copy."""
-    for i in range(nseg):
-        gi, xi = g[i * step:i * step + s_], xs[i * step:i * step + s_]
-        a1, a2 = cp[2], cp[2]
-        for j in range(s_):
-            v = _f(gi, j)
-            a1 += v
-            a2 += v * ((_f(xi, j) - mu) * r)
-        s1[i], s2[i] = a1, a2
 
 
 def _load_grad_sums(dy, dykind, x, xkind, o, n, gq, xq, mu, r, cp):
@@ -448,7 +422,9 @@ def _bwd_direct(g, xs, w, mean, var, dx, dxkind, sdy, sdyx, t, c0, cg, s_, cp):
     """Backward of group t without SiLU, dy and x read where they lie (g, xs: the group's float
     or bfloat16 runs, cheaper to read twice than to copy): Σg, Σg·x̂ per channel, then dx."""
     mu, r = mean[t], cp[1] / np.sqrt(var[t] + cp[0])
-    _segment_grad_sums(g, xs, cg, s_, s_, mu, r, sdy, sdyx, cp)
+    for ci in range(cg):
+        sdy[ci], sdyx[ci] = _grad_sums(g[ci * s_:(ci + 1) * s_], xs[ci * s_:(ci + 1) * s_], mu,
+                                       r, cp)
     gs, gsx = cp[2], cp[2]
     for ci in range(cg):
         gs += w[c0 + ci] * sdy[ci]
