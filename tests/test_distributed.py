@@ -86,6 +86,9 @@ def _bootstrap(rank, worker, init, plugins, tmp_path, *args):
         result = worker(rank, *args)
         if rank == 0:
             torch.save(result, tmp_path / "rank0.pt")
+        # no rank tears its connections down while the other still uses them (gloo's threads
+        # then abort the process: seen once with FSDP2 under load)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -97,20 +97,21 @@ def _col_sums(x, o, nr, c_, acc):
 def _dev_sums(x, o, nr, c_, cm, sd, ss):
     """sd[c] = Σ_s d, ss[c] = Σ_s d², d = x[s, c] − cm[c]; four rows per sweep."""
     s = nr % 4
-    x0 = _row(x, o, 0, c_)
-    for c in range(c_):  # the rows beyond a multiple of four first
-        d0 = _ld(x0, c) - cm[c]
-        sd[c] = d0
-        ss[c] = d0 * d0
+    if s == 0:
+        sd[:c_] = 0
+        ss[:c_] = 0
+    else:  # the rows beyond a multiple of four first
+        x0 = _row(x, o, 0, c_)
+        for c in range(c_):
+            d0 = _ld(x0, c) - cm[c]
+            sd[c] = d0
+            ss[c] = d0 * d0
     for r in range(1, s):
         x0 = _row(x, o, r, c_)
         for c in range(c_):
             d0 = _ld(x0, c) - cm[c]
             sd[c] += d0
             ss[c] += d0 * d0
-    if s == 0:
-        sd[:c_] = 0
-        ss[:c_] = 0
     while s < nr:
         x0, x1, x2, x3 = _row(x, o, s, c_), _row(x, o, s + 1, c_), _row(x, o, s + 2, c_), \
             _row(x, o, s + 3, c_)
