@@ -17,11 +17,11 @@ Kernel contract (the same in `triton/batch_norm.py`):
 How the work is laid out, channels first: float32 and bfloat16 are read in place, in memory
 order (a channel's rows are C·S apart: walking one channel at a time strides across pages and
 measured up to 2.5x slower). The statistics: N is split by its size alone into up to `_CHUNKS`
-runs of samples; a run's rows (n, c) are read in order, each row's moments taken by a corrected
-two-pass (`_run_moments`) and merged into its channel's in sample order with Chan's formula;
-the runs are merged in order. Then y over all rows in order. The backward likewise: per-run
-Σdy, Σdy·x̂ per channel (each row summed whole), added in run order (dbias, dweight), then dx
-in order. float16, whose conversion is too slow to repeat, is one task per channel instead,
+chunks of samples; a chunk's rows (n, c) are read in order, each row's moments taken by a
+corrected two-pass (`_run_moments`) and merged into its channel's in sample order with Chan's
+formula; the chunks are merged in order. Then y over all rows in order. The backward likewise:
+per-chunk Σdy, Σdy·x̂ per channel (each row summed whole), added in chunk order (dbias,
+dweight), then dx in order. float16, whose conversion is too slow to repeat, is one task per channel instead,
 read in blocks of `_BLOCK` elements that may span rows, gathered and converted into scratch
 that keeps a channel of up to `_KEEP` elements between the two sweeps. The helpers are
 GroupNorm's (`group_norm.py`). Channels-last input goes to `channels_last.py` (one group per
@@ -60,7 +60,7 @@ from .group_norm import (
     runs,
 )
 
-_CHUNKS = 16  # runs of samples whose per-channel statistics are merged in order
+_CHUNKS = 16  # chunks of samples whose per-channel statistics are merged in order
 
 # --- channels first: one task per channel ---------------------------------------------------------
 
@@ -122,7 +122,7 @@ def _fwd_channel(x, xkind, w, b, y, ykind, mean, var, c, n_, c_, s_, cp, trainin
 
 @njit(cache=True, error_model="numpy")
 def _chunks(n_):
-    """(samples per chunk, chunks): N split into up to `_CHUNKS` runs of samples, from N alone."""
+    """(samples per chunk, chunks): N split into up to `_CHUNKS` chunks of samples, from N alone."""
     per = (n_ + _CHUNKS - 1) // _CHUNKS
     return per, (n_ + per - 1) // per
 
@@ -316,8 +316,9 @@ def batch_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
             var.fill_(float("nan"))
         return y, mean, var
     ms, vs = mean.contiguous(), var.contiguous()  # (C,) already: kept alive for the call
-    nr = runs(x.numel(), c_)
-    scr = np.empty(nr * _kept(n_ * s_) if x.dtype == torch.float16 else 0, cp.dtype)
+    half = x.dtype == torch.float16  # the per-channel blocked path, with its scratch
+    nr = runs(x.numel(), c_ if half else n_ * c_)
+    scr = np.empty(nr * _kept(n_ * s_) if half else 0, cp.dtype)
     kernel = _fwd_cf if nr > 1 else _fwd_cf_serial
     kernel(*arg(x), weight.data_ptr(), bias.data_ptr(), *arg(y), ms.data_ptr(), vs.data_ptr(), scr,
            n_, c_, s_, cp,
@@ -340,8 +341,8 @@ def batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     if x.numel() == 0:
         return dx, dw.zero_(), db.zero_()
     mean, var = mean.contiguous(), var.contiguous()
-    nr = runs(x.numel(), c_)
-    half = torch.float16 in (x.dtype, dy.dtype)  # (the blocked path, with its scratch)
+    half = torch.float16 in (x.dtype, dy.dtype)  # the per-channel blocked path, with its scratch
+    nr = runs(x.numel(), c_ if half else n_ * c_)
     scr = np.empty(2 * nr * _kept(n_ * s_) if half else 0, cp.dtype)
     kernel = _bwd_cf if nr > 1 else _bwd_cf_serial
     kernel(*arg(dy), *arg(x), weight.data_ptr(), mean.data_ptr(), var.data_ptr(), *arg(dx),
