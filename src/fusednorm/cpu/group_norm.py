@@ -175,7 +175,7 @@ def _store_dnorm_impl(g, xs, mu, r, wc, mg, mgx, dx, o, dxkind):
 
 def _load_moments(x, xkind, o, n, buf, cp):
     """(mean, M2) in float64 of x[o:o + n] as `_block_moments`, leaving it converted in buf when
-    x is not stored in the compute type; a bfloat16 block is converted and summed in one pass."""
+    x is not stored in the compute type (only float16 reaches the blocked path at run time)."""
     raise NotImplementedError
 
 
@@ -185,15 +185,8 @@ def _load_moments_impl(x, xkind, o, n, buf, cp):
 
         def impl(x, xkind, o, n, buf, cp):
             a = buf[:n]
-            if xkind != BF16:
-                load_row(x, o, n, xkind, a)
-                return _block_moments(a, cp)
-            xs, s = x[o:o + n], cp[2]
-            for j in range(n):
-                v = bf16_to_f32(xs[j])
-                a[j] = v
-                s += v
-            return _deviations(a, s, cp)
+            load_row(x, o, n, xkind, a)
+            return _block_moments(a, cp)
 
         return impl
 
@@ -205,11 +198,11 @@ def _load_moments_impl(x, xkind, o, n, buf, cp):
 
 @njit(fastmath=_REDUCE, cache=True, error_model="numpy")
 def _deviations(a, s, cp):
-    """`_block_moments` given s = Σa."""
+    """`_block_moments` of a (float, or bfloat16 read in place) given s = Σa."""
     mu = s / cp.dtype.type(a.size)
     sd, ss = cp[2], cp[2]
     for j in range(a.size):
-        d = a[j] - mu
+        d = as_float(a, j) - mu
         sd += d
         ss += d * d
     sd64, n64 = np.float64(sd), np.float64(a.size)
@@ -218,8 +211,9 @@ def _deviations(a, s, cp):
 
 @njit(fastmath=_REDUCE, cache=True, error_model="numpy")
 def _run_moments(a, cp):
-    """(mean, M2) in float64 of the run a (float or bfloat16): `_block_moments` of each block of
-    `_BLOCK` (read twice while in L1, never copied), merged in order with Chan's formula."""
+    """(mean, M2) in float64 of the run a (float or bfloat16): the moments of each block of
+    `_BLOCK` (Σ, then `_deviations`: read twice while in L1, never copied), merged in order with
+    Chan's formula."""
     mu, m2, cnt = 0.0, 0.0, 0
     for o in range(0, a.size, _BLOCK):
         blk = a[o:o + _BLOCK]
@@ -227,14 +221,7 @@ def _run_moments(a, cp):
         s = cp[2]
         for j in range(k):
             s += as_float(blk, j)
-        m = s / cp.dtype.type(k)
-        sd, ss = cp[2], cp[2]
-        for j in range(k):
-            d = as_float(blk, j) - m
-            sd += d
-            ss += d * d
-        sd64, n64 = np.float64(sd), np.float64(k)
-        bm, bm2 = np.float64(m) + sd64 / n64, np.float64(ss) - sd64 * sd64 / n64
+        bm, bm2 = _deviations(blk, s, cp)
         mu, m2, cnt = _chan(mu, m2, cnt, bm, bm2, k) if o else (bm, bm2, k)
     return mu, m2
 
