@@ -91,8 +91,9 @@ def test_values_cpu(shape, training, channels_last, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_cpu_result_does_not_depend_on_thread_count(channels_last, dtype):
-    """One thread (the serial kernels) against all: the same bits, forward and backward. N = 37
-    splits into uneven runs of samples; the call is above the parallel grain."""
+    """One thread (the serial kernels) against all: the same bits, forward, running statistics
+    and backward. N = 37 splits into uneven chunks of samples; the call is above the parallel
+    grain."""
     x, dy = randn(37, 16, 12, 10, dtype=dtype, mean=0.5), randn(37, 16, 12, 10, dtype=dtype)
     if channels_last:
         x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
@@ -100,8 +101,9 @@ def test_cpu_result_does_not_depend_on_thread_count(channels_last, dtype):
 
     def outputs():
         leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
-        y = batch_norm(leaves[0], None, None, leaves[1], leaves[2], training=True)
-        return [y.detach(), *torch.autograd.grad(y, leaves, dy)]
+        rm, rv = torch.zeros(16, dtype=dtype), torch.ones(16, dtype=dtype)
+        y = batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], training=True)
+        return [y.detach(), rm, rv, *torch.autograd.grad(y, leaves, dy)]
 
     threads = numba.get_num_threads()
     try:

@@ -335,17 +335,28 @@ def _fwd_cf(xp, xt, xkind, wp, bp, yp, yt, ykind, meanp, varp, scr, n_, c_, s_, 
     for i in prange(nruns):
         buf = _scratch(scr, i * per, per)
         lo, hi = _span(i, nruns, n_ * groups)
-        size = c_ // groups * s_
+        cg = c_ // groups
         for t in range(lo, hi):
             if xkind == F16:
                 _fwd_group(x, xkind, w, b, y, ykind, mean, var, t, c_, s_, groups, cp, silu,
                            buf)
             else:
-                _fwd_direct(x[t * size:(t + 1) * size], w, b, y, ykind, mean, var, t,
-                            (t % groups) * (c_ // groups), c_ // groups, s_, cp, silu)
+                _fwd_direct(x[t * cg * s_:(t + 1) * cg * s_], w, b, y, ykind, mean, var, t,
+                            (t % groups) * cg, cg, s_, cp, silu)
 
 
 _fwd_cf_serial = serial_twin(_fwd_cf)
+
+
+@njit(cache=True, error_model="numpy")
+def _group_grad_means(w, c0, sdy, sdyx, size, cp):
+    """The group's means of w·dy and w·dy·x̂ from its channels' Σg, Σg·x̂ (sdy, sdyx: the
+    group's cg entries; weights from channel c0), in channel order."""
+    gs, gsx = cp[2], cp[2]
+    for ci in range(sdy.size):
+        gs += w[c0 + ci] * sdy[ci]
+        gsx += w[c0 + ci] * sdyx[ci]
+    return gs / cp.dtype.type(size), gsx / cp.dtype.type(size)
 
 
 @njit(cache=True, error_model="numpy")
@@ -368,11 +379,7 @@ def _bwd_group(dy, dykind, x, xkind, w, b, mean, var, dx, dxkind, sdy, sdyx, t, 
     mg, mgx = zero, zero
     for sweep in range(2):
         if sweep == 1:
-            gs, gsx = zero, zero
-            for ci in range(cg):
-                gs += w[c0 + ci] * sdy[p0 + ci]
-                gsx += w[c0 + ci] * sdyx[p0 + ci]
-            mg, mgx = gs / cp.dtype.type(size), gsx / cp.dtype.type(size)
+            mg, mgx = _group_grad_means(w, c0, sdy[p0:p0 + cg], sdyx[p0:p0 + cg], size, cp)
         fresh = sweep == 0 or not keep  # x and g are (re)computed, not kept
         for o in range(0, size, _BLOCK):
             e1 = min(o + _BLOCK, size)
@@ -412,11 +419,7 @@ def _bwd_direct(g, xs, w, mean, var, dx, dxkind, sdy, sdyx, t, c0, cg, s_, cp):
     for ci in range(cg):
         sdy[ci], sdyx[ci] = _grad_sums(g[ci * s_:(ci + 1) * s_], xs[ci * s_:(ci + 1) * s_], mu,
                                        r, cp)
-    gs, gsx = cp[2], cp[2]
-    for ci in range(cg):
-        gs += w[c0 + ci] * sdy[ci]
-        gsx += w[c0 + ci] * sdyx[ci]
-    mg, mgx = gs / cp.dtype.type(cg * s_), gsx / cp.dtype.type(cg * s_)
+    mg, mgx = _group_grad_means(w, c0, sdy, sdyx, cg * s_, cp)
     for ci in range(cg):
         lo, hi = ci * s_, (ci + 1) * s_
         _store_dnorm(g[lo:hi], xs[lo:hi], mu, r, w[c0 + ci], mg, mgx, dx, t * cg * s_ + lo,
@@ -479,7 +482,8 @@ def group_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
     if x.numel() == 0:
         return y, mean.fill_(float("nan")), var.fill_(float("nan"))
     nr = runs(x.numel(), n_ * groups)
-    scr = np.empty(nr * _kept(c_ // groups * s_), cp.dtype)
+    blocked = x.dtype == torch.float16  # only the blocked path (`_fwd_group`) uses scratch
+    scr = np.empty(nr * _kept(c_ // groups * s_) if blocked else 0, cp.dtype)
     kernel = _fwd_cf if nr > 1 else _fwd_cf_serial
     kernel(*arg(x), weight.data_ptr(), bias.data_ptr(), *arg(y), mean.data_ptr(), var.data_ptr(),
            scr, n_, c_, s_, groups, cp, silu, nr)
