@@ -1,5 +1,5 @@
 """The numba row-norm kernels called directly (cpu/layer_norm.py's norm_fwd, norm_bwd and
-dropout_keep_mask), and the half-precision conversions they rely on (cpu/_dtypes.py).
+dropout_keep_mask), and the half-precision conversions they rely on (cpu/kernels/_dtypes.py).
 
 Every value is checked against the float64 reference (forward) or torch's autograd through it
 (gradients), with the tolerance rule of helpers.py: torch's own error on the same inputs, in the
@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close_to_ref, randn
 
-from fusednorm.cpu import _dtypes
+from fusednorm.cpu import layer_norm as ln
+from fusednorm.cpu.kernels import _dtypes
 from fusednorm.cpu.layer_norm import dropout_keep_mask, norm_bwd, norm_fwd
 from fusednorm.reference import add_norm_ref, layer_norm_ref, rms_norm_ref
 
@@ -29,16 +30,20 @@ pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and
 # --- conversions: bit-exact with torch's casts ----------------------------------------------------
 
 
+# Half storage as the kernels see it: bfloat16 bits in uint16 arrays, float16 bits in int16.
+STORAGE = {torch.bfloat16: np.uint16, torch.float16: np.int16}
+
+
 @numba.njit
-def _to_float(bits, kind, out):
+def _to_float(bits, out):
     for i in range(bits.size):
-        out[i] = _dtypes.load(bits, i, kind)
+        out[i] = _dtypes.load(bits, i)
 
 
 @numba.njit
-def _to_bits(values, kind, out):
+def _to_bits(values, out):
     for i in range(values.size):
-        _dtypes.store(out, i, values[i], kind)
+        _dtypes.store(out, i, values[i])
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -46,7 +51,7 @@ def test_half_to_float_every_bit_pattern(dtype):
     bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
     expected = bits.view(dtype).float()
     out = np.empty(bits.numel(), np.float32)
-    _to_float(bits.numpy().view(np.uint16), _dtypes.kind_of(dtype), out)
+    _to_float(bits.numpy().view(STORAGE[dtype]), out)
     got = torch.from_numpy(out)
     nan = expected.isnan()
     assert torch.equal(got.isnan(), nan)
@@ -69,23 +74,13 @@ def test_float_to_half_rounds_like_torch(dtype):
     edges += [float("inf"), -float("inf"), float("nan"), 1e-45, -1e-45]
     values.append(torch.tensor(edges))
     x = torch.cat(values)
-    out = np.empty(x.numel(), np.uint16)
-    _to_bits(x.numpy(), _dtypes.kind_of(dtype), out)
+    out = np.empty(x.numel(), STORAGE[dtype])
+    _to_bits(x.numpy(), out)
     got = torch.from_numpy(out.view(np.int16)).view(dtype)
     expected = x.to(dtype)
     nan = expected.isnan()
     assert torch.equal(got.isnan(), nan)
     assert torch.equal(got.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
-
-
-def test_as_kernel_array_views_in_place():
-    base = torch.randn(5, 9).to(torch.bfloat16)
-    t = base[:, 2:6]  # strided rows
-    arr, kind = _dtypes.as_kernel_array(t)
-    assert kind == _dtypes.BF16 and arr.dtype == np.uint16 and arr.shape == (5, 4)
-    assert torch.equal(torch.from_numpy(arr.astype(np.int32)).to(torch.int16), t.view(torch.int16))
-    flat, _ = _dtypes.as_flat_array(t)
-    assert flat.size == 4 * 9 + 4 and flat.ctypes.data == t.data_ptr()  # zero-copy, spans rows
 
 
 # --- the three computations compared: ours, torch's, and the float64 reference ------------------
@@ -477,31 +472,37 @@ def test_backward_is_deterministic_and_thread_count_independent(dtype):
     dy = randn(m, n, dtype=dtype)
     first = ours(x, w, b, rms=False, residual=r, p=0.1, seed=5, dy=dy)
     again = ours(x, w, b, rms=False, residual=r, p=0.1, seed=5, dy=dy)
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
+    threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(1)  # the kernels' thread count is torch's
         single = ours(x, w, b, rms=False, residual=r, p=0.1, seed=5, dy=dy)
     finally:
-        numba.set_num_threads(threads)
+        torch.set_num_threads(threads)
     for k in ("y", "h", "mean", "rstd", "dx", "dr", "dw", "db"):
         assert torch.equal(first[k], again[k]), k
         assert torch.equal(first[k], single[k]), k
 
 
-def test_serial_twin_gives_the_parallel_kernels_bits(monkeypatch):
-    """Small calls run the serial twins (`_launch.serial_twin`): one body, so the same bits."""
-    from fusednorm.cpu import layer_norm as ln
-
-    assert ln._fwd_kernel_serial.targetoptions["parallel"] is False
-    assert ln._fwd_kernel.targetoptions["parallel"] is True
-    # cached on disk under their own names: the twin must never load the parallel code
-    assert ln._fwd_kernel_serial.py_func.__qualname__ != ln._fwd_kernel.py_func.__qualname__
+def test_small_calls_run_serially_with_the_same_bits(monkeypatch):
+    """Calls under the grain run on the calling thread; the same kernel body on torch's threads
+    gives the same bits (the grain changes only where the work runs)."""
     m, n = 40, 300
     x, r, w, b, dy = (randn(m, n), randn(m, n), randn(n), randn(n), randn(m, n))
-    monkeypatch.setattr(ln, "_SERIAL_MAX", 1 << 40)
     serial = ours(x, w, b, rms=False, residual=r, p=0.1, seed=3, dy=dy)
-    monkeypatch.setattr(ln, "_SERIAL_MAX", 0)
-    parallel = ours(x, w, b, rms=False, residual=r, p=0.1, seed=3, dy=dy)
+    monkeypatch.setattr(ln, "PARALLEL_GRAIN", 0)
+    monkeypatch.setattr(ln, "_PLANS", {})
+    threads = []
+    launch = type(ln._FWD[next(iter(ln._FWD._compiled))])
+    real_call = launch.__call__
+    monkeypatch.setattr(launch, "__call__",
+                        lambda self, block, t=1: threads.append(t) or real_call(self, block, t))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        parallel = ours(x, w, b, rms=False, residual=r, p=0.1, seed=3, dy=dy)
+    finally:
+        torch.set_num_threads(before)
+    assert threads and min(threads) == 2
     for k in ("y", "h", "mean", "rstd", "dx", "dr", "dw", "db"):
         assert torch.equal(serial[k], parallel[k]), k
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from helpers import BACKENDS, assert_close_to_ref, device_for, randn
 
 import fusednorm
-from fusednorm import row_norm
+from fusednorm._backend import kernels
 from fusednorm.reference import add_norm_ref, layer_norm_ref, rms_norm_ref
 from fusednorm.row_norm import draw_seed
 
@@ -18,7 +18,7 @@ def keep_mask(backend, seed_from, m, n, p, device):
     """The mask a call made right after torch.manual_seed(seed_from) uses."""
     torch.manual_seed(seed_from)
     seed = draw_seed()
-    return row_norm._kernels(backend).dropout_keep_mask(seed, m, n, p, device)
+    return kernels(backend, "row_norm").dropout_keep_mask(seed, m, n, p, device)
 
 
 def unfused_torch(x, r, w, b, mask, p, norm, residual_dtype):

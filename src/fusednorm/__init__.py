@@ -1,5 +1,7 @@
 """fusednorm: normalization layers for PyTorch with their own CPU and Triton kernels."""
 
+__version__ = "0.1.0"  # kept equal to pyproject.toml's by tests/test_packaging.py
+
 from fusednorm._backend import current_backend, use_backend
 from fusednorm.batch_norms import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
 from fusednorm.group_norms import (

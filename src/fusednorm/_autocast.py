@@ -24,6 +24,11 @@ from fusednorm._backend import resolve
 _FLOAT32_OPS = {"cuda": frozenset({"layer_norm", "rms_norm", "group_norm"})}
 
 
+def casts(device_type: str) -> bool:
+    """Whether autocast casts the norms' arguments on this device type now."""
+    return device_type in _FLOAT32_OPS and torch.is_autocast_enabled(device_type)
+
+
 def autocast_cast(op_name: str, *tensors: torch.Tensor | None) -> tuple:
     """``tensors`` (None allowed; the input first) as torch's autocast passes them to
     ``aten::<op_name>`` on the input's device. Raises for DTensors unless torch's own op runs."""

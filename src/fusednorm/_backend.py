@@ -7,9 +7,11 @@ it without a graph break.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import torch
 
@@ -66,3 +68,62 @@ def resolve(t: torch.Tensor) -> str:
                 "fusednorm backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1"
             )
     return name
+
+
+# --- the kernels of each backend ---------------------------------------------------------------
+# Imported on first use: the Triton modules need triton, and the CPU modules' numba code is
+# only imported to compile a kernel (see cpu/_launch.py).
+
+
+def _cpu_row_norm() -> ModuleType:
+    from fusednorm.cpu import layer_norm
+
+    return layer_norm
+
+
+def _cpu_group_norm() -> ModuleType:
+    from fusednorm.cpu import group_norm
+
+    return group_norm
+
+
+def _cpu_batch_norm() -> ModuleType:
+    from fusednorm.cpu import batch_norm
+
+    return batch_norm
+
+
+def _triton_row_norm() -> ModuleType:
+    from fusednorm.triton import layer_norm
+
+    return layer_norm
+
+
+def _triton_group_norm() -> ModuleType:
+    from fusednorm.triton import group_norm
+
+    return group_norm
+
+
+def _triton_batch_norm() -> ModuleType:
+    from fusednorm.triton import batch_norm
+
+    return batch_norm
+
+
+# (backend, op family) -> the module implementing that family's kernel contract
+# (docs/DESIGN.md for the row norms; the top of cpu/group_norm.py and cpu/batch_norm.py).
+KERNELS: dict[tuple[str, str], Callable[[], ModuleType]] = {
+    ("cpu", "row_norm"): _cpu_row_norm,
+    ("cpu", "group_norm"): _cpu_group_norm,
+    ("cpu", "batch_norm"): _cpu_batch_norm,
+    ("triton", "row_norm"): _triton_row_norm,
+    ("triton", "group_norm"): _triton_group_norm,
+    ("triton", "batch_norm"): _triton_batch_norm,
+}
+
+
+@functools.cache
+def kernels(backend: str, family: str) -> ModuleType:
+    """The kernels of op family `family` ("row_norm", "group_norm", "batch_norm") on `backend`."""
+    return KERNELS[backend, family]()

@@ -56,6 +56,11 @@ def param_shape_ok(p: torch.Tensor | None, normalized_shape: Sequence[int]) -> b
     return p is None or tuple(p.shape) == tuple(normalized_shape)
 
 
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """torch.nn.functional.rms_norm's eps=None: the epsilon of the computation type."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
 def as_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     """View ``x`` as (M, n) rows without copying when its inner dims collapse to unit stride.
 
@@ -66,17 +71,21 @@ def as_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     m = x.numel() // n if n else 0
     if x.dim() == 0:
         return x.reshape(1, 1)
-    try:
-        rows = x.view(m, n) if x.is_contiguous() else _strided_rows(x, m, n)
-    except RuntimeError:
-        rows = None
-    if rows is None:
-        rows = x.contiguous().view(m, n)
-    return rows
+    if x.is_contiguous():
+        return x.view(m, n)
+    stride = row_stride(x, n)
+    if stride is None:
+        return x.contiguous().view(m, n)
+    # Overlapping rows (an expanded batch, row stride 0) are fine: kernels only read x.
+    return x.as_strided((m, n), (stride, 1))
 
 
-def _strided_rows(x: torch.Tensor, m: int, n: int) -> torch.Tensor | None:
-    """Collapse x into an (m, n) view with unit inner stride and one uniform row stride."""
+def row_stride(x: torch.Tensor, n: int) -> int | None:
+    """The stride between x's rows of its last n elements when they can be read in place:
+    unit inner stride and one uniform row stride (n for contiguous x); None when x must be
+    copied first."""
+    if x.is_contiguous():
+        return n
     if n > 1 and x.stride(-1) != 1:
         return None
     # the normalized dims must be contiguous among themselves ...
@@ -89,19 +98,15 @@ def _strided_rows(x: torch.Tensor, m: int, n: int) -> torch.Tensor | None:
         expected *= size
         inner += 1
     # ... and the leading dims must collapse into one dimension of rows.
-    outer_shape, outer_strides = x.shape[: x.dim() - inner], x.stride()[: x.dim() - inner]
-    row_stride = None
-    expected_stride = None
-    for size, stride in zip(reversed(outer_shape), reversed(outer_strides)):
+    found, expected_stride = None, None
+    for size, stride in zip(reversed(x.shape[: x.dim() - inner]),
+                            reversed(x.stride()[: x.dim() - inner])):
         if size == 1:
             continue
-        if row_stride is None:
-            row_stride, expected_stride = stride, stride * size
+        if found is None:
+            found, expected_stride = stride, stride * size
         elif stride != expected_stride:
             return None
         else:
             expected_stride = stride * size
-    if row_stride is None:
-        row_stride = n
-    # Overlapping rows (an expanded batch, row stride 0) are fine: kernels only read x.
-    return x.as_strided((m, n), (row_stride, 1))
+    return n if found is None else found

@@ -13,57 +13,18 @@ running_var; running statistics are updated only in training; empty inputs go to
 
 from __future__ import annotations
 
-import functools
-import importlib
-from types import ModuleType
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusednorm._backend import resolve
+from fusednorm._backend import kernels, resolve
 from fusednorm._checks import params_ok, raise_like_torch
+from fusednorm._layout import as_ncs, from_layout, layout_strides
 from fusednorm._ops import dispatch, needs_grad
-
-
-@functools.cache
-def _kernels(backend: str) -> ModuleType:
-    return importlib.import_module(f"fusednorm.{backend}.batch_norm")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def layout_strides(shape: tuple[int, int, int], channels_last: bool) -> tuple[int, int, int]:
-    """The strides of an (N, C, S) tensor in the kernels' layouts (what their outputs have)."""
-    _, c, s = shape
-    return (c * s, 1, c) if channels_last else (c * s, s, 1)
-
-
-def as_ncs(x: Tensor, prefer_channels_last: bool = False) -> tuple[Tensor, bool]:
-    """x (N, C, *) as an (N, C, S) view, and whether its channels are innermost.
-
-    Channels-innermost input (channels_last, or a transposed (N, L, C) tensor) is read in place
-    by the channels-last kernels; anything else is made contiguous. With one position per
-    channel both layouts are the same memory: `prefer_channels_last` picks.
-    """
-    n, c = x.shape[0], x.shape[1]
-    s = x.numel() // (n * c) if n * c else 1
-    if x.is_contiguous() and (s > 1 or not prefer_channels_last):
-        return x.view(n, c, s), False  # the common case, without the checks below
-    x3 = x.reshape(n, c, s)
-    # a size-1 batch dim may have any stride (a slice x[i:i + 1] of a channels_last batch)
-    if c > 1 and s > 1 and all(a == b or size == 1 for a, b, size in
-                               zip(x3.stride(), layout_strides((n, c, s), True), x3.shape)):
-        return x3, True
-    cl = s == 1 and prefer_channels_last
-    return x.contiguous().as_strided((n, c, s), layout_strides((n, c, s), cl)), cl
-
-
-def from_layout(t3: Tensor, shape: torch.Size) -> Tensor:
-    """The kernels' (N, C, S) output viewed back as the input's shape."""
-    return t3.view(shape) if t3.numel() else t3.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +34,7 @@ def from_layout(t3: Tensor, shape: torch.Size) -> Tensor:
 
 def _fwd_impl(x, weight, bias, mean, var, eps, channels_last, backend):
     # (the kernels copy x into their layout if it is not in it already)
-    y, bmean, bvar = _kernels(backend).batch_norm_fwd(x, weight, bias, mean, var, eps,
+    y, bmean, bvar = kernels(backend, "batch_norm").batch_norm_fwd(x, weight, bias, mean, var, eps,
                                                       channels_last)
     if mean is not None:  # running statistics normalized; the op returns no alias of them
         bmean, bvar = x.new_empty((0,), dtype=weight.dtype), x.new_empty((0,), dtype=weight.dtype)
@@ -98,8 +59,8 @@ def _(x, weight, bias, mean, var, eps, channels_last, backend):
 
 
 def _bwd_impl(dy, x, weight, bias, mean, var, eps, training, channels_last, backend):
-    return _kernels(backend).batch_norm_bwd(dy, x, weight, bias, mean, var, eps, training,
-                                            channels_last)
+    return kernels(backend, "batch_norm").batch_norm_bwd(dy, x, weight, bias, mean, var, eps,
+                                                         training, channels_last)
 
 
 @torch.library.custom_op("fusednorm::batch_norm_bwd", mutates_args=())

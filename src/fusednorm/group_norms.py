@@ -10,38 +10,27 @@ viewed as (N, C, S), channels first or channels innermost (channels_last, kept b
 
 from __future__ import annotations
 
-import functools
-import importlib
-from types import ModuleType
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fusednorm._autocast import autocast_cast
-from fusednorm._backend import resolve
+from fusednorm._backend import kernels, resolve
 from fusednorm._checks import params_ok, raise_like_torch
+from fusednorm._layout import as_ncs, from_layout, layout_strides
 from fusednorm._ops import dispatch, needs_grad
 from fusednorm.batch_norms import (
     _BatchNorm,
     _copy,
     _plain,
     affine_params,
-    as_ncs,
     batch_norm_forward,
     compute_dtype,
     differentiable_grads,
-    from_layout,
-    layout_strides,
     update_running_stats,
 )
 
 ACTIVATIONS = (None, "silu")
-
-
-@functools.cache
-def _kernels(backend: str) -> ModuleType:
-    return importlib.import_module(f"fusednorm.{backend}.group_norm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,7 +40,8 @@ def _kernels(backend: str) -> ModuleType:
 
 def _fwd_impl(x, weight, bias, groups, eps, silu, channels_last, backend):
     # (the kernels copy x into their layout if it is not in it already)
-    return _kernels(backend).group_norm_fwd(x, weight, bias, groups, eps, silu, channels_last)
+    return kernels(backend, "group_norm").group_norm_fwd(x, weight, bias, groups, eps, silu,
+                                                         channels_last)
 
 
 @torch.library.custom_op("fusednorm::group_norm_fwd", mutates_args=())
@@ -71,8 +61,8 @@ def _(x, weight, bias, groups, eps, silu, channels_last, backend):
 
 
 def _bwd_impl(dy, x, weight, bias, mean, var, groups, eps, silu, channels_last, backend):
-    return _kernels(backend).group_norm_bwd(dy, x, weight, bias, mean, var, groups, eps, silu,
-                                            channels_last)
+    return kernels(backend, "group_norm").group_norm_bwd(dy, x, weight, bias, mean, var, groups,
+                                                         eps, silu, channels_last)
 
 
 @torch.library.custom_op("fusednorm::group_norm_bwd", mutates_args=())

@@ -1,43 +1,40 @@
 """The row norms, LayerNorm and RMSNorm, with optional fused residual-add and dropout.
 
-Read top to bottom: torch.library ops over the backend kernels (for torch.compile) → autograd →
-public functions. The kernels (cpu/layer_norm.py, triton/layer_norm.py) share one contract,
-written down in docs/DESIGN.md; this file flattens inputs to (M, N) rows, checks arguments
-exactly as torch does and never lets invalid input reach a kernel. (It is not called
-layer_norm.py because the package exports a function of that name.)
+Read top to bottom: torch.library ops over the backend kernels (for torch.compile) → the
+composite → launch plans → autograd → public functions. The kernels (cpu/layer_norm.py,
+triton/layer_norm.py) share one contract, written down in docs/DESIGN.md; this file flattens
+inputs to (M, N) rows, checks arguments exactly as torch does and never lets invalid input reach
+a kernel. (It is not called layer_norm.py because the package exports a function of that name.)
+
+Eager calls are served by a plan per call signature (`_Plan`): the checks, the layout decisions
+and the kernel's fixed arguments are done once, when a signature is first seen, so a small call
+costs about what torch's own does. Compiled graphs go through the registered ops instead.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Sequence
-from types import ModuleType
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusednorm._autocast import autocast_cast
-from fusednorm._backend import resolve
+from fusednorm import _backend
+from fusednorm._autocast import autocast_cast, casts
+from fusednorm._backend import kernels, resolve
 from fusednorm._checks import (
     FLOAT_DTYPES,
     HALF_DTYPES,
     as_rows,
+    default_rms_eps,
     normalized_shape_ok,
     param_shape_ok,
     params_ok,
     raise_like_torch,
+    row_stride,
     stand_in,
 )
-from fusednorm._ops import dispatch, needs_grad
-from fusednorm.reference import default_rms_eps
-
-
-@functools.cache
-def _kernels(backend: str) -> ModuleType:
-    return importlib.import_module(f"fusednorm.{backend}.layer_norm")
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,14 +42,13 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels behind torch.library ops. Eager code calls the *_impl functions directly (custom ops
-# cost microseconds per call); compiled graphs see the ops and their fake implementations.
+# Kernels behind torch.library ops, for compiled graphs (eager code uses the plans below).
 # Absent outputs are empty tensors so that every op returns plain tensors.
 
 
 def _fwd_impl(x, weight, bias, residual, eps, is_rms, zero_centered, dropout_p, seed,
               out_dtype, residual_dtype, xhat_dtype, backend):
-    y, h, mean, rstd = _kernels(backend).norm_fwd(
+    y, h, mean, rstd = kernels(backend, "row_norm").norm_fwd(
         x, weight, bias, residual, eps, is_rms, zero_centered, dropout_p, int(seed),
         out_dtype, residual_dtype, xhat_dtype,
     )
@@ -90,7 +86,7 @@ def _(x, weight, bias, residual, eps, is_rms, zero_centered, dropout_p, seed, ou
 def _bwd_impl(dy, h, weight, bias, mean, rstd, dh_out, eps, is_rms, zero_centered, dropout_p,
               seed, has_residual, x_dtype, residual_dtype, need_weight_grad, from_output,
               backend):
-    dx, dres, dw, db = _kernels(backend).norm_bwd(
+    dx, dres, dw, db = kernels(backend, "row_norm").norm_bwd(
         dy, h, weight, bias, mean, rstd, dh_out, eps, is_rms, zero_centered, dropout_p,
         int(seed), has_residual, x_dtype, residual_dtype, need_weight_grad, from_output,
     )
@@ -148,92 +144,241 @@ def _composite(h, weight, bias, eps, is_rms, zero_centered, out_dtype, xhat_dtyp
     return y.to(out_dtype)
 
 
+def _composite_call(x, residual, weight, bias, eps, dropout_p, residual_dtype, out_dtype,
+                    zero_centered, xhat_dtype, is_rms, fused, m, n):
+    h = x
+    if fused:
+        h = F.dropout(x, dropout_p) if dropout_p > 0 else x
+        # added in h's dtype, as the kernels do (a bfloat16 sum rounded, then widened, would
+        # differ from theirs)
+        h = h.to(residual_dtype) if residual is None else (
+            residual.to(residual_dtype) + h.to(residual_dtype))
+    y = _composite(
+        h.reshape(m, n),
+        weight.reshape(n) if weight is not None else None,
+        bias.reshape(n) if bias is not None else None,
+        eps, is_rms, zero_centered, out_dtype, xhat_dtype,
+    ).view(x.shape)
+    return (y, h) if fused else y
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plans: one per call signature (see `_signature`).
+
+
+class _Plan:
+    """Everything decided for one signature of the arguments, once: the checks passed, the
+    rows' layout, the kernels and their fixed arguments. `run` does the rest per call."""
+
+    def __init__(self, x, normalized_shape, weight, bias, eps, residual, dropout_p,
+                 residual_in_fp32, out_dtype, zero_centered, xhat_dtype, memory_efficient,
+                 is_rms):
+        torch_call = functools.partial(_torch_rms_norm if is_rms else _torch_layer_norm, x,
+                                       normalized_shape, weight, *(() if is_rms else (bias,)),
+                                       eps)
+        self.autocast = isinstance(x, Tensor) and casts(x.device.type)
+        x, weight, bias = autocast_cast("rms_norm" if is_rms else "layer_norm", x, weight,
+                                        bias)
+        self.weight_cast = None
+        if (is_rms and weight is not None and isinstance(x, Tensor)
+                and x.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES
+                and not params_ok(x, weight)):
+            # torch's rms_norm takes a weight of any float dtype (its output keeps the
+            # input's); the kernels take the input's dtype or float32, into which this cast is
+            # (nearly) exact
+            self.weight_cast = torch.float32 if x.dtype in HALF_DTYPES else x.dtype
+            weight = weight.to(self.weight_cast)
+        if is_rms and eps is None and isinstance(x, Tensor):
+            eps = default_rms_eps(x.dtype)
+        if not (normalized_shape_ok(x, normalized_shape) and params_ok(x, weight, bias)
+                and param_shape_ok(weight, normalized_shape)
+                and param_shape_ok(bias, normalized_shape)):
+            raise_like_torch(torch_call, "layer_norm" if not is_rms else "rms_norm")
+        if residual is not None and (residual.shape != x.shape or residual.device != x.device
+                                     or not residual.is_floating_point()):
+            raise RuntimeError(
+                f"fusednorm: residual must be a floating-point tensor of the input's shape "
+                f"{list(x.shape)} on {x.device}, got {residual.dtype} {list(residual.shape)} "
+                f"on {residual.device}"
+            )
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"dropout probability has to be in [0, 1), but got {dropout_p}")
+        self.fused = fused = residual is not None or dropout_p > 0
+        self.out_dtype = out_dtype = out_dtype or x.dtype
+        self.residual_dtype = None
+        if fused:
+            # h keeps the residual's dtype (the input's without one); residual_in_fp32 widens
+            # a half h to float32 and never narrows a float64 one
+            base = residual.dtype if residual is not None else x.dtype
+            self.residual_dtype = (torch.promote_types(base, torch.float32)
+                                   if residual_in_fp32 else base)
+        self.backend = resolve(x)
+        self.n = functools.reduce(lambda a, b: a * b, normalized_shape, 1)
+        self.m = x.numel() // self.n if self.n else 0
+        self.shape = x.shape
+        self.eps, self.is_rms, self.zero_centered = eps, is_rms, zero_centered
+        self.dropout_p, self.xhat_dtype, self.memory_efficient = (
+            dropout_p, xhat_dtype, memory_efficient)
+        self.has_residual = residual is not None
+        self.x_dtype = x.dtype
+        self.normalized_shape = tuple(normalized_shape)
+        plain = not fused and not zero_centered and xhat_dtype is None and out_dtype == x.dtype
+        if self.backend == "torch" and plain:
+            self.kind = "torch"
+        elif self.backend == "torch" or x.numel() == 0:
+            self.kind = "composite"
+        else:
+            self.kind = "kernel"
+            self._kernel_plan(x, weight, bias, residual)
+        self.run = _run
+        if (self.kind == "kernel" and self.backend == "cpu" and not self.needs_grad
+                and not self.fused and not self.autocast and self.weight_cast is None
+                and self.sx is not None and self.w_ok and self.b_ok
+                and not torch.compiler.is_compiling()):
+            self.run = _run_plain
+
+    def _kernel_plan(self, x, weight, bias, residual):
+        m, n = self.m, self.n
+        self.sx = row_stride(x, n)  # None: x is copied to rows first
+        self.sr = None if residual is None else row_stride(residual, n)
+        self.w_ok = weight is None or weight.is_contiguous()
+        self.b_ok = bias is None or bias.is_contiguous()
+        self.needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, residual, weight, bias))
+        self.alias_ok = residual is not None and _grads_may_alias(x, residual)
+        self._backward_plans = {}
+        if torch.compiler.is_compiling():
+            return  # compiled graphs reach the kernels through the registered ops
+        if self.backend != "cpu":
+            self.forward = _ContractForward(self)
+            return
+        from fusednorm.cpu.layer_norm import ForwardPlan
+
+        self.forward = ForwardPlan(
+            m, n, self.sx if self.sx is not None else n,
+            n if residual is None or self.sr is None else self.sr, x.dtype,
+            None if residual is None else residual.dtype,
+            None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+            self.out_dtype, self.residual_dtype, float(self.eps), self.is_rms,
+            self.zero_centered, float(self.dropout_p), self.xhat_dtype, self.needs_grad,
+            tuple(self.shape), x.is_contiguous())
+
+    def rows(self, x, residual):
+        """x and the residual as the kernels read them: in place, or copied into rows."""
+        if self.sx is None:
+            x = x.contiguous()
+        if residual is not None and self.sr is None:
+            residual = residual.contiguous()
+        return x, residual
+
+    def backward_plan(self, dy, saved, weight, bias, dh_out, need_w, same):
+        key = (dy.dtype, None if dh_out is None else dh_out.dtype, need_w, same)
+        plan = self._backward_plans.get(key)
+        if plan is None:
+            plan = self._backward_plans[key] = self._make_backward(
+                dy, saved, weight, bias, dh_out, need_w, same)
+        return plan
+
+    def _make_backward(self, dy, saved, weight, bias, dh_out, need_w, same):
+        if self.backend != "cpu":
+            return _ContractBackward(self, need_w, same)
+        from fusednorm.cpu.layer_norm import BackwardPlan
+
+        n, ct = self.n, _stats_dtype(self.forward.ct)
+        dres = self.residual_dtype if self.has_residual and not same else None
+        return BackwardPlan(
+            self.m, n, n, n, n, ct, dy.dtype, saved.dtype,
+            None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+            None if dh_out is None else dh_out.dtype, self.x_dtype, dres, self.is_rms,
+            self.zero_centered, float(self.dropout_p), need_w and weight is not None,
+            need_w and bias is not None, self.memory_efficient, tuple(self.shape))
+
+
+class _ContractForward:
+    """A backend reached through its contract functions (the Triton kernels)."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+
+    def __call__(self, x, residual, weight, bias, seed=0):
+        p = self.plan
+        y, h, mean, rstd = kernels(p.backend, "row_norm").norm_fwd(
+            as_rows(x, p.n), weight, bias, None if residual is None else as_rows(residual, p.n),
+            p.eps, p.is_rms, p.zero_centered, p.dropout_p, seed, p.out_dtype, p.residual_dtype,
+            p.xhat_dtype)
+        stats = rstd if p.is_rms else torch.cat([mean, rstd])
+        return y.view(p.shape), h.view(p.shape) if p.fused else None, stats
+
+
+class _ContractBackward:
+    def __init__(self, plan: _Plan, need_w: bool, same: bool) -> None:
+        self.plan, self.need_w, self.same = plan, need_w, same
+
+    def __call__(self, dy, saved, weight, bias, stats, dh_out, seed=0):
+        p = self.plan
+        n = p.n
+        mean, rstd = (stats.new_empty((0,)), stats) if p.is_rms else (stats[:p.m], stats[p.m:])
+        dx, dres, dw, db = kernels(p.backend, "row_norm").norm_bwd(
+            dy.reshape(-1, n), saved.reshape(-1, n), weight, bias, mean, rstd,
+            None if dh_out is None else dh_out.reshape(-1, n), p.eps, p.is_rms,
+            p.zero_centered, p.dropout_p, seed, p.has_residual and not self.same, p.x_dtype,
+            p.residual_dtype, self.need_w, p.memory_efficient)
+        return (dx.view(p.shape), dres.view(p.shape) if dres.numel() else None,
+                dw if weight is not None and self.need_w else None,
+                db if bias is not None and self.need_w else None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Autograd: our own backward kernels; the composite only when a graph of the backward is asked.
 
 
-class _Saved(NamedTuple):
-    """What backward needs besides tensors."""
-
-    eps: float
-    is_rms: bool
-    zero_centered: bool
-    dropout_p: float
-    seed: int | Tensor
-    x_dtype: torch.dtype
-    out_dtype: torch.dtype
-    residual_dtype: torch.dtype | None
-    xhat_dtype: torch.dtype | None
-    memory_efficient: bool
-    backend: str
-    has_residual: bool
-    has_h: bool
-    alias_ok: bool
-    n: int  # elements per row
-    shape: torch.Size  # the input's (and the residual's) shape
-
-
 class _RowNorm(torch.autograd.Function):
-    """Takes x and the residual in their own shapes and returns (M, N) outputs. The (M, N) row
-    views are taken inside: an `as_strided` view taken outside would give an expanded input
-    (row stride 0) the gradient of its storage, every row's gradient summed into each row."""
+    """Returns y, or (y, h) when the plan fuses a residual or dropout. Inputs are taken in
+    their own shapes; row views are the kernels' business (an `as_strided` view taken outside
+    would give an expanded input, row stride 0, every row's gradient summed into each row)."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, is_rms, zero_centered, dropout_p, seed,
-                out_dtype, residual_dtype, xhat_dtype, memory_efficient, backend, alias_ok, n):
-        y, h, mean, rstd = dispatch(
-            _fwd_op, _fwd_impl, as_rows(x, n), weight, bias,
-            as_rows(residual, n) if residual is not None else None, eps, is_rms,
-            zero_centered, dropout_p, seed, out_dtype, residual_dtype, xhat_dtype, backend,
-        )
-        has_h = residual is not None or dropout_p > 0  # h is an output of its own
+    def forward(ctx, x, residual, weight, bias, plan, seed):
+        y, h, stats = plan.forward(*plan.rows(x, residual), weight, bias, seed)
         # The tensor backward reads: the output in memory-saving mode, else the norm's input.
-        saved = y if memory_efficient else (h if has_h else x)
-        ctx.save_for_backward(saved, weight, bias, mean, rstd)
-        ctx.config = _Saved(eps, is_rms, zero_centered, dropout_p, seed, x.dtype, out_dtype,
-                            residual_dtype, xhat_dtype, memory_efficient, backend,
-                            residual is not None, has_h, alias_ok, n, x.shape)
+        saved = y if plan.memory_efficient else (h if h is not None else x)
+        ctx.save_for_backward(saved, weight, bias, stats)
+        ctx.plan, ctx.seed = plan, seed
         ctx.set_materialize_grads(False)
-        if not has_h:
-            ctx.mark_non_differentiable(h)
-        return y, h
+        return y if h is None else (y, h)
 
     @staticmethod
-    def backward(ctx, dy, dh_out):
-        saved, weight, bias, mean, rstd = ctx.saved_tensors
-        c = ctx.config
+    def backward(ctx, dy, dh_out=None):
+        saved, weight, bias, stats = ctx.saved_tensors
+        plan = ctx.plan
         if dy is None:
-            dy = saved.new_zeros((saved.numel() // c.n, c.n), dtype=c.out_dtype)
+            dy = saved.new_zeros(plan.shape, dtype=plan.out_dtype)
         if torch.is_grad_enabled():
-            return _double_backward_ready(c, saved, weight, bias, dy)
-        saved = as_rows(saved, c.n)
-        dy = dy.contiguous()
-        if not c.has_h:  # h was the empty placeholder (compiled graphs still pass it a grad)
-            dh_out = None
-        if dh_out is not None:
+            return _double_backward_ready(plan, saved, weight, bias, dy)
+        if not dy.is_contiguous():
+            dy = dy.contiguous()
+        if dh_out is not None and not dh_out.is_contiguous():
             dh_out = dh_out.contiguous()
+        if not saved.is_contiguous():
+            saved = saved.contiguous()
         need_w = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         # Without dropout and with one dtype, dresidual is dx: write it once and hand the same
         # tensor to both inputs, as the backward of torch's add does.
-        same = (c.has_residual and c.dropout_p == 0 and c.residual_dtype == c.x_dtype
-                and c.alias_ok)
-        dx, dres, dw, db = dispatch(
-            _bwd_op, _bwd_impl, dy, saved, weight, bias, mean, rstd, dh_out, c.eps, c.is_rms,
-            c.zero_centered, c.dropout_p, c.seed, c.has_residual and not same, c.x_dtype,
-            c.residual_dtype, need_w, c.memory_efficient, c.backend,
-        )
-        dx = dx.view(c.shape)
-        if same:
-            dres = dx
-        return (dx, dres.view(c.shape) if c.has_residual else None,
-                dw if weight is not None and need_w else None,
-                db if bias is not None and need_w else None) + (None,) * 12
+        same = (plan.has_residual and plan.dropout_p == 0
+                and plan.residual_dtype == plan.x_dtype and plan.alias_ok)
+        bwd = plan.backward_plan(dy, saved, weight, bias, dh_out, need_w, same)
+        dx, dres, dw, db = bwd(dy, saved, weight, bias, stats, dh_out, ctx.seed)
+        if dw is not None and (dw.dtype != weight.dtype or weight.dim() != 1):
+            dw = dw.to(weight.dtype).view(weight.shape)
+        if db is not None and (db.dtype != bias.dtype or bias.dim() != 1):
+            db = db.to(bias.dtype).view(bias.shape)
+        return dx, (dx if same else dres) if plan.has_residual else None, dw, db, None, None
 
 
-def _double_backward_ready(c, x, weight, bias, dy):
+def _double_backward_ready(plan, x, weight, bias, dy):
     """First-order gradients built from differentiable ops, so that they can be differentiated
     again. Only the plain norm needs it (torch's own fused ops do not support it either)."""
-    if c.has_h or c.memory_efficient:
+    if plan.fused or plan.memory_efficient:
         raise RuntimeError(
             "fusednorm: double backward (create_graph=True) is supported for the plain norm, "
             "not with residual, dropout or memory_efficient=True"
@@ -245,78 +390,16 @@ def _double_backward_ready(c, x, weight, bias, dy):
         xg = next(it)
         wg = next(it) if weight is not None else None
         bg = next(it) if bias is not None else None
-        y = _composite(xg.reshape(-1, c.n), wg, bg, c.eps, c.is_rms, c.zero_centered, dy.dtype,
-                       c.xhat_dtype)
-        grads = torch.autograd.grad(y, detached, dy, create_graph=True, allow_unused=True)
+        y = _composite(xg.reshape(-1, plan.n), None if wg is None else wg.reshape(plan.n),
+                       None if bg is None else bg.reshape(plan.n), plan.eps, plan.is_rms,
+                       plan.zero_centered, dy.dtype, plan.xhat_dtype)
+        grads = torch.autograd.grad(y, detached, dy.reshape(-1, plan.n), create_graph=True,
+                                    allow_unused=True)
     it = iter(grads)
-    dx = next(it)
+    dx = next(it).view(plan.shape)
     dw = next(it) if weight is not None else None
     db = next(it) if bias is not None else None
-    return (dx, None, dw, db) + (None,) * 12
-
-
-# ---------------------------------------------------------------------------------------------
-# Public functions.
-
-
-def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
-              out_dtype, zero_centered, xhat_dtype, memory_efficient, is_rms, torch_call):
-    """Shared body of layer_norm and rms_norm; torch_call replays the plain call on torch."""
-    x, weight, bias = autocast_cast("rms_norm" if is_rms else "layer_norm", x, weight, bias)
-    if not (normalized_shape_ok(x, normalized_shape) and params_ok(x, weight, bias)
-            and param_shape_ok(weight, normalized_shape)
-            and param_shape_ok(bias, normalized_shape)):
-        raise_like_torch(torch_call, "layer_norm" if not is_rms else "rms_norm")
-    if residual is not None and (residual.shape != x.shape or residual.device != x.device
-                                 or not residual.is_floating_point()):
-        raise RuntimeError(
-            f"fusednorm: residual must be a floating-point tensor of the input's shape "
-            f"{list(x.shape)} on {x.device}, got {residual.dtype} {list(residual.shape)} "
-            f"on {residual.device}"
-        )
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout probability has to be in [0, 1), but got {dropout_p}")
-
-    fused = residual is not None or dropout_p > 0
-    out_dtype = out_dtype or x.dtype
-    residual_dtype = None
-    if fused:
-        residual_dtype = (torch.float32 if residual_in_fp32 else
-                          residual.dtype if residual is not None else x.dtype)
-    backend = resolve(x)
-    n = 1
-    for size in normalized_shape:
-        n *= size
-    m = 1
-    for size in x.shape[: x.dim() - len(normalized_shape)]:
-        m *= size
-
-    plain = not fused and not zero_centered and xhat_dtype is None and out_dtype == x.dtype
-    if backend == "torch" and plain:
-        return torch_call(x, weight, bias)
-    if backend == "torch" or x.numel() == 0:
-        return _composite_call(x, residual, weight, bias, eps, dropout_p, residual_dtype,
-                               out_dtype, zero_centered, xhat_dtype, is_rms, fused, m, n)
-
-    seed = draw_seed() if dropout_p > 0 else 0
-    if torch.compiler.is_compiling() and isinstance(seed, int):
-        seed = torch.zeros((), dtype=torch.int64)
-
-    w = weight.reshape(n) if weight is not None else None
-    b = bias.reshape(n) if bias is not None else None
-    if needs_grad(x, residual, w, b):
-        y, h = _RowNorm.apply(
-            x, residual, w, b, eps, is_rms, zero_centered, dropout_p, seed, out_dtype,
-            residual_dtype, xhat_dtype, memory_efficient, backend,
-            residual is not None and _grads_may_alias(x, residual), n,
-        )
-    else:
-        y, h, _, _ = dispatch(_fwd_op, _fwd_impl, as_rows(x, n), w, b,
-                              as_rows(residual, n) if residual is not None else None, eps,
-                              is_rms, zero_centered, dropout_p, seed, out_dtype, residual_dtype,
-                              xhat_dtype, backend)
-    y = y.view(x.shape)
-    return (y, h.view(x.shape)) if fused else y
+    return dx, None, dw, db, None, None
 
 
 def _grads_may_alias(x: Tensor, residual: Tensor) -> bool:
@@ -339,19 +422,142 @@ def draw_seed() -> int | Tensor:
     return seed if torch.compiler.is_compiling() else int(seed)
 
 
-def _composite_call(x, residual, weight, bias, eps, dropout_p, residual_dtype, out_dtype,
-                    zero_centered, xhat_dtype, is_rms, fused, m, n):
-    h = x
-    if fused:
-        h = F.dropout(x, dropout_p) if dropout_p > 0 else x
-        h = (h if residual is None else residual + h).to(residual_dtype)
-    y = _composite(
-        h.reshape(m, n),
-        weight.reshape(n) if weight is not None else None,
-        bias.reshape(n) if bias is not None else None,
-        eps, is_rms, zero_centered, out_dtype, xhat_dtype,
-    ).view(x.shape)
-    return (y, h) if fused else y
+# ---------------------------------------------------------------------------------------------
+# Public functions.
+
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 4096
+
+
+def _tensor_signature(t):
+    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device,
+                                   t.requires_grad)
+
+
+def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
+              out_dtype, zero_centered, xhat_dtype, memory_efficient, is_rms):
+    """Shared body of layer_norm and rms_norm."""
+    if torch.compiler.is_compiling():
+        return _traced(x, normalized_shape, weight, bias, eps, residual, dropout_p,
+                       residual_in_fp32, out_dtype, zero_centered, xhat_dtype,
+                       memory_efficient, is_rms)
+    # Everything the checks, the layout and the autograd decision depend on (and the backend
+    # setting): a call with another signature never meets this plan.
+    key = None
+    if type(x) is Tensor and type(normalized_shape) in (tuple, list, torch.Size):
+        key = (is_rms, x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
+               tuple(normalized_shape), _tensor_signature(weight), _tensor_signature(bias),
+               _tensor_signature(residual), eps, dropout_p, residual_in_fp32, out_dtype,
+               zero_centered, xhat_dtype, memory_efficient, torch.is_grad_enabled(),
+               _backend._current, casts(x.device.type))
+        plan = _PLANS.get(key)
+    if key is None or plan is None:
+        plan = _Plan(x, normalized_shape, weight, bias, eps, residual, dropout_p,
+                     residual_in_fp32, out_dtype, zero_centered, xhat_dtype, memory_efficient,
+                     is_rms)
+        if key is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    return plan.run(plan, x, residual, weight, bias)
+
+
+def _run(plan: _Plan, x, residual, weight, bias):
+    """A call through its plan, whatever the plan's kind."""
+    if plan.autocast:
+        x, weight, bias = autocast_cast("rms_norm" if plan.is_rms else "layer_norm", x,
+                                        weight, bias)
+    if plan.weight_cast is not None:
+        weight = weight.to(plan.weight_cast)
+    kind = plan.kind
+    if kind == "torch":
+        if plan.is_rms:
+            return F.rms_norm(x, plan.normalized_shape, weight, plan.eps)
+        return F.layer_norm(x, plan.normalized_shape, weight, bias, plan.eps)
+    if kind == "composite":
+        return _composite_call(x, residual, weight, bias, plan.eps, plan.dropout_p,
+                               plan.residual_dtype, plan.out_dtype, plan.zero_centered,
+                               plan.xhat_dtype, plan.is_rms, plan.fused, plan.m, plan.n)
+    if not plan.w_ok:
+        weight = weight.contiguous()
+    if not plan.b_ok:
+        bias = bias.contiguous()
+    seed = draw_seed() if plan.dropout_p > 0 else 0
+    if plan.needs_grad:
+        return _RowNorm.apply(x, residual, weight, bias, plan, seed)
+    y, h, _ = plan.forward(*plan.rows(x, residual), weight, bias, seed)
+    return y if h is None else (y, h)
+
+
+def _run_plain(plan: _Plan, x, residual, weight, bias):
+    """`_run` for the common case: our kernel, no gradient, x read in place, nothing to cast
+    or copy, no dropout."""
+    return plan.forward(x, residual, weight, bias)[0]
+
+
+def _traced(x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
+            out_dtype, zero_centered, xhat_dtype, memory_efficient, is_rms):
+    """Under torch.compile: the registered ops, so that the graph has no break."""
+    plan = _Plan(x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
+                 out_dtype, zero_centered, xhat_dtype, memory_efficient, is_rms)
+    if plan.kind != "kernel":
+        return _run(plan, x, residual, weight, bias)
+    if plan.weight_cast is not None:
+        weight = weight.to(plan.weight_cast)
+    n = plan.n
+    w = weight.reshape(n) if weight is not None else None
+    b = bias.reshape(n) if bias is not None else None
+    seed = draw_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    if plan.needs_grad:
+        y, h = _TracedRowNorm.apply(x, residual, w, b, plan, seed)
+    else:
+        y, h, _, _ = _fwd_op(as_rows(x, n), w, b, None if residual is None
+                             else as_rows(residual, n), plan.eps, plan.is_rms,
+                             plan.zero_centered, plan.dropout_p, seed, plan.out_dtype,
+                             plan.residual_dtype, plan.xhat_dtype, plan.backend)
+    y = y.view(x.shape)
+    return (y, h.view(x.shape)) if plan.fused else y
+
+
+class _TracedRowNorm(torch.autograd.Function):
+    """`_RowNorm` through the registered ops, for compiled graphs."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, plan, seed):
+        y, h, mean, rstd = _fwd_op(
+            as_rows(x, plan.n), weight, bias,
+            None if residual is None else as_rows(residual, plan.n), plan.eps, plan.is_rms,
+            plan.zero_centered, plan.dropout_p, seed, plan.out_dtype, plan.residual_dtype,
+            plan.xhat_dtype, plan.backend)
+        saved = y if plan.memory_efficient else (h if plan.fused else x)
+        ctx.save_for_backward(saved, weight, bias, mean, rstd, seed)
+        ctx.plan = plan
+        ctx.set_materialize_grads(False)
+        if not plan.fused:
+            ctx.mark_non_differentiable(h)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh_out):
+        saved, weight, bias, mean, rstd, seed = ctx.saved_tensors
+        plan = ctx.plan
+        n = plan.n
+        if dy is None:
+            dy = saved.new_zeros((plan.m, n), dtype=plan.out_dtype)
+        if torch.is_grad_enabled():
+            return _double_backward_ready(plan, saved, weight, bias, dy.reshape(plan.shape)
+                                          if dy.numel() == saved.numel() else dy)
+        if not plan.fused:
+            dh_out = None
+        need_w = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        dx, dres, dw, db = _bwd_op(
+            dy.reshape(-1, n).contiguous(), as_rows(saved, n).contiguous(), weight, bias, mean,
+            rstd, None if dh_out is None else dh_out.reshape(-1, n).contiguous(), plan.eps,
+            plan.is_rms, plan.zero_centered, plan.dropout_p, seed, plan.has_residual,
+            plan.x_dtype, plan.residual_dtype, need_w, plan.memory_efficient, plan.backend)
+        return (dx.view(plan.shape), dres.view(plan.shape) if plan.has_residual else None,
+                dw if weight is not None and need_w else None,
+                db if bias is not None and need_w else None, None, None)
 
 
 def layer_norm(
@@ -378,11 +584,9 @@ def layer_norm(
     instead of the input for backward (exact where no weight element is 0); ``xhat_dtype``
     rounds the normalized value to that dtype before the affine (Hugging Face's cast order).
     """
-    return _row_norm(
-        input, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
-        out_dtype, zero_centered_weight, xhat_dtype, memory_efficient, False,
-        functools.partial(_torch_layer_norm, input, normalized_shape, weight, bias, eps),
-    )
+    return _row_norm(input, normalized_shape, weight, bias, eps, residual, dropout_p,
+                     residual_in_fp32, out_dtype, zero_centered_weight, xhat_dtype,
+                     memory_efficient, False)
 
 
 def rms_norm(
@@ -403,18 +607,9 @@ def rms_norm(
 
     ``eps=None`` means what it means in torch: the epsilon of the computation dtype.
     """
-    torch_call = functools.partial(_torch_rms_norm, input, normalized_shape, weight, eps)
-    if (weight is not None and isinstance(input, Tensor) and input.dtype in FLOAT_DTYPES
-            and weight.dtype in FLOAT_DTYPES and not params_ok(input, weight)):
-        # torch's rms_norm takes a weight of any float dtype (its output keeps the input's);
-        # the kernels take the input's dtype or float32, into which this cast is (nearly) exact
-        weight = weight.to(torch.float32 if input.dtype in HALF_DTYPES else input.dtype)
-    return _row_norm(
-        input, normalized_shape, weight, None,
-        default_rms_eps(input.dtype) if eps is None else eps,
-        residual, dropout_p, residual_in_fp32, out_dtype, zero_centered_weight, xhat_dtype,
-        memory_efficient, True, torch_call,
-    )
+    return _row_norm(input, normalized_shape, weight, None, eps, residual, dropout_p,
+                     residual_in_fp32, out_dtype, zero_centered_weight, xhat_dtype,
+                     memory_efficient, True)
 
 
 def _torch_layer_norm(x, normalized_shape, weight, bias, eps, *real):

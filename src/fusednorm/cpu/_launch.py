@@ -1,73 +1,352 @@
-"""How the CPU kernels are called cheaply: tensors as addresses, and serial twins of kernels.
+"""How the CPU kernels are built, cached, loaded and called. This module never imports numba.
 
-Two costs dominate a small call. Building a numpy view of a tensor costs ~5 us (through the
-array interface; `Tensor.numpy()` is cheaper but marks the storage as never resizable, which
-breaks FSDP2). And entering a parallel region wakes every worker thread (more on a loaded
-machine), as does changing numba's thread count around the call. So:
+A kernel is numba code compiled into a C function `void kernel(const int64 *block)`. The
+block holds the call's arguments by position, in the order its `Layout` names them: tensor
+addresses, sizes and flags as int64, scalars as float64. Compiling needs numba (about a second
+for a new kernel); its machine code is then stored in the user's cache directory
+(`cache_dir()`), and any later process loads it with llvmlite alone, in milliseconds, without
+importing numba. So:
 
-- a kernel takes each tensor as ints and a tag, `tensor_arg(t)` = (address, element span, tag,
-  kind), and rebuilds the array inside with `from_address(address, span, tag)`. A tag is a
-  cached 1-element array of the storage type: numba types it at once, and tags of one dtype are
-  one object, so no new specialization per call.
-- every parallel kernel has a serial twin, `serial_twin(kernel)`: the same Python body compiled
-  without parallel=True (prange runs as range), for calls below a size grain. One body, so the
-  same arithmetic in the same order: results never depend on which of the two ran.
+- per call: one `struct.pack` of the block and one ctypes call (about 1 µs), on the caller's
+  thread, or on torch's own OpenMP threads through `GOMP_parallel` of the runtime torch loaded:
+  one pool of workers for torch and fusednorm, sized by `torch.get_num_threads()`;
+- lifetimes: the caller holds every tensor whose address is in a block until the call returns
+  (the kernels never allocate, and no view outlives a call);
+- specializations: one per combination of storage dtypes (and the few flags a kernel family
+  compiles in), built on first use; everything else is decided at run time from the block.
 """
 
 from __future__ import annotations
 
-import types
+import ctypes
+import glob
+import hashlib
+import json
+import os
+import struct
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-import numba
-import numpy as np
 import torch
 
-from ._dtypes import BF16, F16, NATIVE, from_address
+# Below this many elements a call runs on the calling thread: waking the workers costs more
+# than the work (torch's own grain is 32K). Results never depend on the choice.
+PARALLEL_GRAIN = 1 << 16
 
-__all__ = ["TAGS", "TAG_ADDR", "from_address", "serial_twin", "tag_of", "tensor_arg"]
-
-# Per storage dtype: (tag, kind). A tag's own address stands in for absent arguments (kernels
-# never touch those).
-TAGS: dict[torch.dtype, tuple[np.ndarray, int]] = {
-    torch.float32: (np.zeros(1, np.float32), NATIVE),
-    torch.float64: (np.zeros(1, np.float64), NATIVE),
-    torch.bfloat16: (np.zeros(1, np.uint16), BF16),
-    torch.float16: (np.zeros(1, np.uint16), F16),
-}
-TAG_ADDR = {dt: tag.ctypes.data for dt, (tag, _) in TAGS.items()}
+# Storage dtypes as the kernels see them: numba has no half types on the CPU, so bfloat16 and
+# float16 arrive as their bit patterns in uint16 and int16 arrays respectively (distinct
+# types, so each conversion is chosen when the kernel is compiled).
+STORAGE = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "uint16",
+           torch.float16: "int16"}
 
 
-def tag_of(dtype: torch.dtype) -> tuple[np.ndarray, int]:
-    """(tag, kind) of a storage dtype."""
-    return TAGS[dtype]
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Every kernel computes in float32, except for float64 input."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def tensor_arg(t: torch.Tensor | None, absent: torch.dtype = torch.float32
-               ) -> tuple[int, int, np.ndarray, int]:
-    """(address, span, tag, kind) of t: `from_address(address, span, tag)` inside a kernel is
-    the 1-D array of the memory t spans from its first element, so element (i, j, ...) is at
-    sum(index · stride). None or an empty tensor gives a 1-element stand-in of dtype `absent`.
-    The caller keeps t alive for the duration of the call."""
-    if t is None or t.numel() == 0:
-        tag = TAGS[absent][0]
-        return TAG_ADDR[absent], 1, tag, NATIVE
-    tag, kind = TAGS[t.dtype]
-    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-    return t.data_ptr(), span, tag, kind
+# --- argument blocks ---------------------------------------------------------------------------
 
 
-def serial_twin(kernel: numba.core.registry.CPUDispatcher) -> numba.core.registry.CPUDispatcher:
-    """`kernel`'s Python body compiled without parallel=True, with its other options.
+class Layout:
+    """The positions of a kernel's arguments in its block, by name: int64 slots, those that
+    change with every call (addresses, seeds) first, then those fixed for a launch plan (sizes,
+    strides, flags), then float64 slots. The kernel reads `slots(...)` as constants; a launcher
+    packs the fixed part once per plan (`fixed`) and the changing part per call (`pack_call`)."""
 
-    The twin is a copy of the function under its own name: numba's on-disk cache files are
-    named after the function (and keyed by its bytecode, not by the compile options), so a
-    second compilation of the same function object would load the parallel version.
-    """
-    fn = kernel.py_func
-    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
-                              fn.__defaults__, fn.__closure__)
-    twin.__qualname__ = fn.__qualname__ + "_serial"
-    twin.__doc__ = f"`{fn.__name__}` without its parallel region: for small calls."
-    options = {k: v for k, v in kernel.targetoptions.items() if k not in ("nopython", "parallel")}
-    cached = type(kernel._cache).__name__ != "NullCache"  # cache=True is not a target option
-    return numba.njit(**options, parallel=False, cache=cached)(twin)
+    def __init__(self, per_call: Sequence[str], fixed: Sequence[str],
+                 floats: Sequence[str] = ()) -> None:
+        self.per_call, self.fixed_ints, self.floats = tuple(per_call), tuple(fixed), tuple(floats)
+        self.names = self.per_call + self.fixed_ints + self.floats
+        self._slot = {name: i for i, name in enumerate(self.names)}
+        self.pack_call = struct.Struct(f"<{len(per_call)}q").pack
+        self._fixed = struct.Struct(f"<{len(fixed)}q{len(floats)}d").pack
+
+    def slot(self, name: str) -> int:
+        return self._slot[name]
+
+    def slots(self, *names: str) -> tuple[int, ...]:
+        return tuple(self._slot[n] for n in names)
+
+    def fixed(self, **values: float) -> bytes:
+        """The fixed part of the block (every fixed and float name, by name)."""
+        return self._fixed(*(values[n] for n in self.fixed_ints + self.floats))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+# --- threads: torch's OpenMP runtime -------------------------------------------------------------
+
+
+class _OpenMP:
+    """The OpenMP runtime torch runs its parallel regions on, found in the process. Parallel
+    kernels are launched with its `GOMP_parallel`, so the workers are torch's own threads."""
+
+    def __init__(self) -> None:
+        self.lib = _find_openmp()
+        self.parallel = None
+        if self.lib is not None:
+            self.parallel = self.lib.GOMP_parallel
+            self.parallel.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint,
+                                      ctypes.c_uint]
+            self.parallel.restype = None
+
+    def symbols(self) -> dict[str, int]:
+        """Addresses the kernels link against: the runtime's, or serial stand-ins (thread 0 of
+        1, a barrier that returns) where torch has none."""
+        names = ("omp_get_thread_num", "omp_get_num_threads", "GOMP_barrier")
+        if self.lib is not None:
+            return {n: ctypes.cast(getattr(self.lib, n), ctypes.c_void_p).value for n in names}
+        self._stand_ins = (ctypes.CFUNCTYPE(ctypes.c_int)(lambda: 0),
+                           ctypes.CFUNCTYPE(ctypes.c_int)(lambda: 1),
+                           ctypes.CFUNCTYPE(None)(lambda: None))  # kept alive with self
+        return {n: ctypes.cast(f, ctypes.c_void_p).value for n, f in zip(names, self._stand_ins)}
+
+
+def _find_openmp() -> ctypes.CDLL | None:
+    """The libgomp (or LLVM libomp, which exports the same GOMP entry points) that torch
+    loaded: the copy in torch/lib for pip wheels, else one already mapped in the process."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    candidates = sorted(glob.glob(os.path.join(torch_lib, "lib*omp*.so*")) +
+                        glob.glob(os.path.join(torch_lib, "lib*omp*.dylib")))
+    try:
+        with open("/proc/self/maps") as maps:
+            candidates += sorted({line.split()[-1] for line in maps
+                                  if "omp" in line.rsplit("/", 1)[-1] and ".so" in line})
+    except OSError:
+        pass
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path)
+            if hasattr(lib, "GOMP_parallel") and hasattr(lib, "GOMP_barrier"):
+                return lib
+        except OSError:
+            continue
+    return None
+
+
+
+_local = threading.local()
+_KEEP_SCRATCH = 1 << 22  # bytes of scratch kept between calls, per calling thread
+
+
+def scratch(nbytes: int) -> torch.Tensor:
+    """At least nbytes of scratch memory (uint8) for one call on this thread. Kernels carve it
+    into per-thread rows; it is reused by the next call of the same Python thread."""
+    buf = getattr(_local, "scratch", None)
+    if buf is not None and buf.numel() >= nbytes:
+        return buf
+    buf = torch.empty(max(nbytes, 1 << 12), dtype=torch.uint8)
+    if nbytes <= _KEEP_SCRATCH:
+        _local.scratch = buf
+    return buf
+
+
+def workers(elements: int, tasks: int) -> int:
+    """Threads for a call over `elements` elements split into at most `tasks` tasks:
+    torch's thread count (`torch.set_num_threads` governs both libraries), 1 below the grain."""
+    if elements < PARALLEL_GRAIN or tasks <= 1:
+        return 1
+    return max(1, min(tasks, torch.get_num_threads()))
+
+
+# --- the cache and the loader ---------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: $FUSEDNORM_CACHE_DIR, else the user's cache directory
+    ($XDG_CACHE_HOME or ~/.cache, /fusednorm), one folder per build of the kernels."""
+    root = os.environ.get("FUSEDNORM_CACHE_DIR")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "fusednorm")
+    return Path(root) / _runtime().build_id
+
+
+class _Runtime:
+    """The process's loader: one llvmlite JIT for the loaded kernels, the OpenMP runtime, and
+    the fingerprint of everything the machine code depends on."""
+
+    def __init__(self) -> None:
+        import llvmlite
+        import llvmlite.binding as ll
+
+        from fusednorm import __version__
+
+        self.ll = ll
+        ll.initialize_native_target()
+        ll.initialize_native_asmprinter()
+        self.openmp = _OpenMP()
+        self.symbols = self.openmp.symbols()
+        for name, addr in self.symbols.items():
+            ll.add_symbol(name, addr)
+        self.cpu = (ll.get_host_cpu_name(), ll.get_host_cpu_features().flatten())
+        target = ll.Target.from_default_triple()
+        self.machine = target.create_target_machine(cpu=self.cpu[0], features=self.cpu[1],
+                                                    jit=True)
+        h = hashlib.sha256()
+        for part in (__version__, llvmlite.__version__, _numba_version(),
+                     sys.version, *self.cpu):
+            h.update(part.encode() + b"\0")
+        for path in sorted(Path(__file__).parent.glob("*.py")):  # the kernels' source
+            h.update(path.read_bytes())
+        self.build_id = "kernels-" + h.hexdigest()[:16]
+        self.engines = []  # one JIT per object file: none of them may be freed
+        self.lock = threading.Lock()
+
+    def load(self, obj: bytes, meta: dict) -> int | None:
+        """The address of the kernel in `obj`, or None when it needs a symbol this process
+        cannot provide (the caller then compiles it anew)."""
+        ll = self.ll
+        for name in meta["undefined"]:
+            if name.startswith("llvm.") or name in self.symbols:
+                continue
+            if name in _ERROR_PATHS:
+                ll.add_symbol(name, _abort_address())
+            elif not ll.address_of_symbol(name):
+                addr = _process_symbol(name)  # libm, libc, Python's C API
+                if not addr:
+                    return None  # MCJIT would abort the process on an unresolved symbol
+                ll.add_symbol(name, addr)
+        with self.lock:
+            engine = ll.create_mcjit_compiler(ll.parse_assembly(""), self.machine)
+            engine.add_object_file(ll.ObjectFileRef.from_data(obj))
+            engine.finalize_object()
+            self.engines.append(engine)
+            return engine.get_function_address(meta["symbol"])
+
+
+# Symbols that numba's code references only on paths that raise a Python exception or free
+# an allocation; the kernels never raise (error_model="numpy", no bounds checks) and never
+# allocate (`_compile` refuses a kernel that does), so they are bound to abort().
+_ERROR_PATHS = frozenset({
+    "NRT_Free", "NRT_MemInfo_call_dtor", "NRT_decref", "numba_do_raise", "numba_gil_ensure",
+    "numba_gil_release", "numba_runtime_build_excinfo_struct", "numba_unpickle",
+    "numba_fatal_error",
+})
+
+
+def _process_symbol(name: str) -> int | None:
+    try:
+        return ctypes.addressof(ctypes.c_char.in_dll(ctypes.CDLL(None), name))
+    except (ValueError, OSError):
+        return None
+
+
+def _abort_address() -> int:
+    return ctypes.cast(ctypes.CDLL(None).abort, ctypes.c_void_p).value
+
+
+def _numba_version() -> str:
+    """numba's version without importing numba (which costs 0.2 s)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("numba")
+    if spec is None or spec.origin is None:
+        return "absent"
+    try:
+        return Path(spec.origin).with_name("_version.py").read_text()
+    except OSError:
+        return spec.origin
+
+
+_runtime_instance: _Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def _runtime() -> _Runtime:
+    global _runtime_instance
+    if _runtime_instance is None:
+        with _runtime_lock:
+            if _runtime_instance is None:
+                _runtime_instance = _Runtime()
+    return _runtime_instance
+
+
+# --- kernels --------------------------------------------------------------------------------------
+
+
+_KERNEL_CALL = ctypes.CFUNCTYPE(None, ctypes.c_char_p)  # releases the GIL during the call
+
+
+class Kernel:
+    """A family of compiled kernels sharing a layout: `build(*key)` (numba code, imported only
+    to compile) returns the numba cfunc of one specialization, `key` a tuple of strings."""
+
+    def __init__(self, name: str, layout: Layout, build: Callable[..., object]) -> None:
+        self.name, self.layout, self.build = name, layout, build
+        self._compiled: dict[tuple, Launch] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, key: tuple) -> Launch:
+        """The launcher of specialization `key`: loaded from the cache, else compiled."""
+        launch = self._compiled.get(key)
+        if launch is None:
+            with self._lock:
+                launch = self._compiled.get(key)
+                if launch is None:
+                    launch = self._compiled[key] = Launch(self._address(key))
+        return launch
+
+    def _address(self, key: tuple) -> int:
+        rt = _runtime()
+        stem = self.name + "-" + hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+        folder = cache_dir()
+        obj_path, meta_path = folder / (stem + ".o"), folder / (stem + ".json")
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta["key"] == list(key):
+                addr = rt.load(obj_path.read_bytes(), meta)
+                if addr:
+                    return addr
+        except (OSError, ValueError, KeyError):
+            pass
+        from fusednorm.cpu.kernels import _compile
+
+        obj, meta = _compile.compile_kernel(self, key, rt.symbols)
+        _store(folder, obj_path, meta_path, obj, meta)
+        addr = rt.load(obj, meta)
+        if not addr:
+            raise RuntimeError(f"fusednorm: kernel {self.name}{key} needs symbols "
+                               f"{meta['undefined']} that cannot be resolved")
+        return addr
+
+
+def _store(folder: Path, obj_path: Path, meta_path: Path, obj: bytes, meta: dict) -> None:
+    """Write atomically (the metadata last): concurrent processes may compile the same kernel."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, data in ((obj_path, obj), (meta_path, json.dumps(meta).encode())):
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: the kernel still runs, it is compiled again next time
+
+
+class Launch:
+    """One compiled kernel, called serially or on torch's OpenMP threads."""
+
+    __slots__ = ("_parallel", "address", "serial")
+
+    def __init__(self, address: int) -> None:
+        self.address = address
+        self.serial = _KERNEL_CALL(address)
+        self._parallel = _runtime().openmp.parallel
+
+    def __call__(self, block: bytes, threads: int = 1) -> None:
+        if threads > 1 and self._parallel is not None:
+            self._parallel(self.address, block, threads, 0)
+        else:
+            self.serial(block)
+
+
+def openmp_runtime() -> str | None:
+    """The path of the OpenMP runtime the kernels share with torch (None: they run serially)."""
+    lib = _runtime().openmp.lib
+    return None if lib is None else lib._name

@@ -1,99 +1,52 @@
-"""The block functions of the channels-last kernels (`channels_last.py`): element access with
-the conversion of half storage chosen at compile time, the per-block loops, the per-sample steps.
+"""The block functions of the channels-last kernels: x is a flat array of N·S rows of C
+channels, a block is nr rows from element offset o.
 
-x is a flat array of N·S rows of C channels; a block is nr rows from element offset o. The loops
-run along channels (contiguous) and take a few rows per sweep, so that the per-channel sums are
-loaded and stored once per sweep, not once per row. Only FMA contraction is allowed (no
-reordering): every sum is in the order written.
+The loops run along channels (contiguous) and take a few rows per sweep, so that the per-channel
+sums are loaded and stored once per sweep, not once per row. Only FMA contraction is allowed (no
+reordering): every sum is in the order written. Half storage is converted in the loops (`load`,
+`store`), the conversion chosen by the storage type when the kernel is compiled.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
-from numba.extending import overload
+from numba import njit
 
-from ._channels import _dsilu, _exp
-from ._dtypes import _bf16_bits_to_f32, _f32_to_bf16_bits, f16_to_f32, f32_to_f16
+from fusednorm.cpu.kernels._channels import dsilu, exp
+from fusednorm.cpu.kernels._dtypes import OPTS, load, store
 
 _FMA = {"contract"}  # fused multiply-adds; no reordering, so no fastmath flag changes an order
 
 
-# --- element access: the storage type picks the conversion at compile time ----------------------
-
-
-def _ld(a, i):
-    """a[i] in the compute type."""
-    raise NotImplementedError  # only callable from numba code
-
-
-@overload(_ld, inline="always")
-def _ld_impl(a, i):
-    if a.dtype == types.uint16:
-        return lambda a, i: _bf16_bits_to_f32(a[i])
-    if a.dtype == types.int16:
-        return lambda a, i: f16_to_f32(np.uint16(a[i]))
-    return lambda a, i: a[i]
-
-
-def _st(a, i, v):
-    """a[i] = v rounded to a's storage type."""
-    raise NotImplementedError
-
-
-@overload(_st, inline="always")
-def _st_impl(a, i, v):
-    if a.dtype == types.uint16:
-        def bf16(a, i, v):
-            a[i] = _f32_to_bf16_bits(v)
-        return bf16
-    if a.dtype == types.int16:
-        def f16(a, i, v):
-            a[i] = np.int16(f32_to_f16(v))
-        return f16
-
-    def native(a, i, v):
-        a[i] = v
-    return native
-
-
-@njit(inline="always", cache=True, error_model="numpy")
+@njit(**OPTS)
 def _row(a, o, s, c_):
     # rows are slices indexed from 0: a[o + j] is checked for wrap-around (gathers, not loads)
     return a[o + s * c_:o + (s + 1) * c_]
 
 
-@njit(inline="always", cache=True, error_model="numpy")
-def _part(i, parts, total):
-    """[lo, hi) of the i-th of `parts` equal runs of tasks (one run per thread, so scratch is
-    allocated once per run; the split changes no result)."""
-    per = (total + parts - 1) // parts
-    return min(total, i * per), min(total, (i + 1) * per)
-
-
 # --- block functions: x is a flat array, a block is nr rows of C from offset o ------------------
 
 
-@njit(cache=True, error_model="numpy")
+@njit(**OPTS)
 def _col_sums(x, o, nr, c_, acc):
     """acc[c] = Σ_s x[s, c], four rows per sweep (fewer loads and stores of acc)."""
     x0 = _row(x, o, 0, c_)
     for c in range(c_):
-        acc[c] = _ld(x0, c)
+        acc[c] = load(x0, c)
     s = 1
     while s + 4 <= nr:
         x0, x1, x2, x3 = _row(x, o, s, c_), _row(x, o, s + 1, c_), _row(x, o, s + 2, c_), \
             _row(x, o, s + 3, c_)
         for c in range(c_):
-            acc[c] += (_ld(x0, c) + _ld(x1, c)) + (_ld(x2, c) + _ld(x3, c))
+            acc[c] += (load(x0, c) + load(x1, c)) + (load(x2, c) + load(x3, c))
         s += 4
     for r in range(s, nr):
         x0 = _row(x, o, r, c_)
         for c in range(c_):
-            acc[c] += _ld(x0, c)
+            acc[c] += load(x0, c)
 
 
-@njit(fastmath=_FMA, cache=True, error_model="numpy")
+@njit(fastmath=_FMA, **OPTS)
 def _dev_sums(x, o, nr, c_, cm, sd, ss):
     """sd[c] = Σ_s d, ss[c] = Σ_s d², d = x[s, c] − cm[c]; four rows per sweep."""
     s = nr % 4
@@ -103,30 +56,30 @@ def _dev_sums(x, o, nr, c_, cm, sd, ss):
     else:  # the rows beyond a multiple of four first
         x0 = _row(x, o, 0, c_)
         for c in range(c_):
-            d0 = _ld(x0, c) - cm[c]
+            d0 = load(x0, c) - cm[c]
             sd[c] = d0
             ss[c] = d0 * d0
     for r in range(1, s):
         x0 = _row(x, o, r, c_)
         for c in range(c_):
-            d0 = _ld(x0, c) - cm[c]
+            d0 = load(x0, c) - cm[c]
             sd[c] += d0
             ss[c] += d0 * d0
     while s < nr:
         x0, x1, x2, x3 = _row(x, o, s, c_), _row(x, o, s + 1, c_), _row(x, o, s + 2, c_), \
             _row(x, o, s + 3, c_)
         for c in range(c_):
-            d0 = _ld(x0, c) - cm[c]
-            d1 = _ld(x1, c) - cm[c]
-            d2 = _ld(x2, c) - cm[c]
-            d3 = _ld(x3, c) - cm[c]
+            d0 = load(x0, c) - cm[c]
+            d1 = load(x1, c) - cm[c]
+            d2 = load(x2, c) - cm[c]
+            d3 = load(x3, c) - cm[c]
             sd[c] += (d0 + d1) + (d2 + d3)
             ss[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         s += 4
 
 
-@njit(cache=True, error_model="numpy")
-def _block_moments(x, o, nr, c_, groups, cp, scr, pmean, pm2):
+@njit(**OPTS)
+def cl_block_moments(x, o, nr, c_, groups, cp, scr, pmean, pm2):
     """Float64 (mean, M2) of each group's part of the block into pmean[g], pm2[g]: the group's
     block mean from per-channel sums, then the deviations' sums (corrected two-pass). scr: 3·C
     scratch of the compute type."""
@@ -163,22 +116,22 @@ def _block_moments(x, o, nr, c_, groups, cp, scr, pmean, pm2):
         pm2[g] = np.float64(u) - sd * sd * inv
 
 
-@njit(fastmath=_FMA, cache=True, error_model="numpy")
-def _apply_rows(x, y, o, nr, c_, a, sh, silu, cp):
+@njit(fastmath=_FMA, **OPTS)
+def apply_rows(x, y, o, nr, c_, a, sh, silu, cp):
     """y = silu?(x·a + sh) over nr rows from offset o; a, sh per channel."""
     for s in range(nr):
         x0, y0 = _row(x, o, s, c_), _row(y, o, s, c_)
         if silu:
             for c in range(c_):
-                z = _ld(x0, c) * a[c] + sh[c]
-                _st(y0, c, z / (cp[1] + _exp(-z)))
+                z = load(x0, c) * a[c] + sh[c]
+                store(y0, c, z / (cp[1] + exp(-z)))
         else:
             for c in range(c_):
-                _st(y0, c, _ld(x0, c) * a[c] + sh[c])
+                store(y0, c, load(x0, c) * a[c] + sh[c])
 
 
-@njit(fastmath=_FMA, cache=True, error_model="numpy")
-def _grad_sums(dy, x, o, nr, c_, m, rw, b, silu, cp, s1, s2):
+@njit(fastmath=_FMA, **OPTS)
+def cl_grad_sums(dy, x, o, nr, c_, m, rw, b, silu, cp, s1, s2):
     """s1[c] = Σ g, s2[c] = Σ g·(x − m) over nr rows from offset o; g = dy, or dy·silu'(z) with
     z = (x − m)·rw + b (rw = rstd·w)."""
     s1[:c_] = 0
@@ -187,41 +140,42 @@ def _grad_sums(dy, x, o, nr, c_, m, rw, b, silu, cp, s1, s2):
         g0, x0 = _row(dy, o, s, c_), _row(x, o, s, c_)
         if silu:
             for c in range(c_):
-                d = _ld(x0, c) - m[c]
-                g = _dsilu(_ld(g0, c), d * rw[c] + b[c], cp[1])
+                d = load(x0, c) - m[c]
+                g = dsilu(load(g0, c), d * rw[c] + b[c], cp[1])
                 s1[c] += g
                 s2[c] += g * d
         else:
             for c in range(c_):
-                g = _ld(g0, c)
+                g = load(g0, c)
                 s1[c] += g
-                s2[c] += g * (_ld(x0, c) - m[c])
+                s2[c] += g * (load(x0, c) - m[c])
 
 
-@njit(fastmath=_FMA, cache=True, error_model="numpy")
-def _dx_rows(dy, x, dx, o, nr, c_, m, rw, b, k0, k2, silu, cp):
+@njit(fastmath=_FMA, **OPTS)
+def dx_rows(dy, x, dx, o, nr, c_, m, rw, b, k0, k2, silu, cp):
     """dx = rstd·(w·g − mean(w·g) − x̂·mean(w·g·x̂)) = rw·g + (k0 + (x − m)·k2) per channel."""
     for s in range(nr):
         g0, x0, d0 = _row(dy, o, s, c_), _row(x, o, s, c_), _row(dx, o, s, c_)
         if silu:
             for c in range(c_):
-                d = _ld(x0, c) - m[c]
-                g = _dsilu(_ld(g0, c), d * rw[c] + b[c], cp[1])
-                _st(d0, c, rw[c] * g + (k0[c] + d * k2[c]))
+                d = load(x0, c) - m[c]
+                g = dsilu(load(g0, c), d * rw[c] + b[c], cp[1])
+                store(d0, c, rw[c] * g + (k0[c] + d * k2[c]))
         else:
             for c in range(c_):
-                _st(d0, c, rw[c] * _ld(g0, c) + (k0[c] + (_ld(x0, c) - m[c]) * k2[c]))
+                store(d0, c, rw[c] * load(g0, c) + (k0[c] + (load(x0, c) - m[c]) * k2[c]))
 
 
 # --- per-sample steps ---------------------------------------------------------------------------
 
 
-@njit(cache=True, error_model="numpy")
-def _chan_row(mu, m2, cnt, bmean, bm2, k):
+@njit(**OPTS)
+def chan_row(mu, m2, cnt, bmean, bm2, k):
     """Chan's merge of per-channel float64 moments of k more elements into (mu, m2) of cnt."""
     if cnt == 0:
-        mu[:] = bmean
-        m2[:] = bm2
+        for c in range(mu.size):  # (a slice assignment would allocate for a possible overlap)
+            mu[c] = bmean[c]
+            m2[c] = bm2[c]
         return k
     f = np.float64(k) / np.float64(cnt + k)
     fc = np.float64(cnt) * f
@@ -232,8 +186,8 @@ def _chan_row(mu, m2, cnt, bmean, bm2, k):
     return cnt + k
 
 
-@njit(cache=True, error_model="numpy")
-def _merge_sample(pmean, pm2, n, s_, c_, groups, rows, mean, var, mu, m2):
+@njit(**OPTS)
+def merge_sample(pmean, pm2, n, s_, c_, groups, rows, mean, var, mu, m2):
     """Sample n's group moments from its block pieces, merged in block order (one Chan step
     per block serves all groups: they have the same count); mu, m2: float64 scratch (G)."""
     nblk = (s_ + rows - 1) // rows
@@ -242,14 +196,14 @@ def _merge_sample(pmean, pm2, n, s_, c_, groups, rows, mean, var, mu, m2):
     for bi in range(nblk):
         i = (n * nblk + bi) * groups
         k = (min(s_, (bi + 1) * rows) - bi * rows) * cg
-        cnt = _chan_row(mu, m2, cnt, pmean[i:i + groups], pm2[i:i + groups], k)
+        cnt = chan_row(mu, m2, cnt, pmean[i:i + groups], pm2[i:i + groups], k)
     for g in range(groups):
         mean[n * groups + g] = mu[g]
         var[n * groups + g] = m2[g] / cnt
 
 
-@njit(cache=True, error_model="numpy")
-def _coefs(mean, var, sn, cg, n, w, b, cp, a, sh):
+@njit(**OPTS)
+def coefs(mean, var, sn, cg, n, w, b, cp, a, sh):
     """a = rstd·w, sh = b − mean·a per channel of sample n (statistic of channel c at
     n·sn + c // cg: GroupNorm sn = G; BatchNorm sn = 0, cg = 1)."""
     for c in range(w.size):
@@ -258,8 +212,8 @@ def _coefs(mean, var, sn, cg, n, w, b, cp, a, sh):
         sh[c] = b[c] - mean[i] * a[c]
 
 
-@njit(cache=True, error_model="numpy")
-def _grad_coefs(mean, var, sn, cg, n, w, cp, m, r, rw):
+@njit(**OPTS)
+def grad_coefs(mean, var, sn, cg, n, w, cp, m, r, rw):
     """m = mean, r = rstd and rw = rstd·w per channel of sample n."""
     for c in range(w.size):
         i = n * sn + c // cg
@@ -268,8 +222,8 @@ def _grad_coefs(mean, var, sn, cg, n, w, cp, m, r, rw):
         rw[c] = r[c] * w[c]
 
 
-@njit(cache=True, error_model="numpy")
-def _gn_dx_coefs(sdy, sdyx, n, c_, groups, s_, w, r, cp, k0, k2):
+@njit(**OPTS)
+def gn_dx_coefs(sdy, sdyx, n, c_, groups, s_, w, r, cp, k0, k2):
     """Sample n: sdyx[n] becomes Σ g·x̂ (it held Σ g·(x − m)); k0 = −rstd·mean(w·g) and
     k2 = −rstd²·mean(w·g·x̂) per channel, the means over its group."""
     cg = c_ // groups
@@ -288,7 +242,7 @@ def _gn_dx_coefs(sdy, sdyx, n, c_, groups, s_, w, r, cp, k0, k2):
             k2[c] = -r[c] * r[c] * a2
 
 
-@njit(cache=True, error_model="numpy")
-def _add_rows(tot, part, first):
+@njit(**OPTS)
+def add_rows(tot, part, first):
     for c in range(tot.size):
         tot[c] = part[c] if first else tot[c] + part[c]
