@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusednorm._autocast import autocast_cast
+from fusednorm import _backend
+from fusednorm._autocast import autocast_cast, casts
 from fusednorm._backend import kernels, resolve
 from fusednorm._checks import params_ok, raise_like_torch
 from fusednorm._layout import as_ncs, from_layout, layout_strides
@@ -168,6 +169,103 @@ def _silu_flag(activation: str | None) -> bool:
     return activation == "silu"
 
 
+# ---------------------------------------------------------------------------------------------
+# Launch plans for group_norm: one per call signature (as the row norms' in row_norm.py).
+
+
+class _GroupPlan:
+    """What is decided once for one signature of group_norm's arguments: the checks passed,
+    the layout the kernels read x in, the parameters' stand-ins, the backend's plan. `fast`
+    when x is read in place by our CPU kernels; the general path serves everything else."""
+
+    def __init__(self, x, num_groups, weight, bias, eps, silu):
+        self.autocast = isinstance(x, Tensor) and casts(x.device.type)
+        x, weight, bias = autocast_cast("group_norm", x, weight, bias)
+        if not _group_norm_ok(x, num_groups, weight, bias, eps):
+            # on the same tensors (see `batch_norms._replay` for why not on stand-ins)
+            raise_like_torch(
+                lambda: F.group_norm(_plain(x), num_groups, _plain(weight), _plain(bias), eps),
+                "group_norm",
+            )
+        self.backend = resolve(x)
+        self.groups, self.eps, self.silu = num_groups, float(eps), silu
+        self.fast = False
+        if self.backend != "cpu" or x.numel() == 0 or self.autocast:
+            return
+        x3, cl = as_ncs(x)
+        if x3.data_ptr() != x.data_ptr() or torch.empty_like(x).stride() != x.stride():
+            return  # x is copied into a layout: the general path
+        ct = compute_dtype(x.dtype)
+        c = x.shape[1]
+        self.ct, self.stride = ct, x.stride()
+        self.ones = torch.ones(c, dtype=ct) if weight is None else None
+        self.zeros = torch.zeros(c, dtype=ct) if bias is None else None
+        self.w_as_is = weight is None or (weight.dtype == ct and weight.is_contiguous())
+        self.b_as_is = bias is None or (bias.dtype == ct and bias.is_contiguous())
+        self.needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias))
+        from fusednorm.cpu.group_norm import GroupNormPlan
+
+        self.kernels = GroupNormPlan(*x3.shape, num_groups, self.eps, silu, cl, x.dtype)
+        self.fast = True
+
+    def params(self, weight, bias):
+        """(w, b) as the kernels take them: (C,) contiguous in the compute dtype."""
+        w = self.ones if weight is None else (
+            weight if self.w_as_is else weight.to(self.ct).contiguous())
+        b = self.zeros if bias is None else (
+            bias if self.b_as_is else bias.to(self.ct).contiguous())
+        return w, b
+
+
+class _GroupNormFast(torch.autograd.Function):
+    """group_norm on a plan: x read in place, y and dx in x's layout."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan):
+        w, b = plan.params(weight, bias)
+        y, stats = plan.kernels.forward(x, w, b)
+        ctx.save_for_backward(x, w, b, stats, weight, bias)
+        ctx.plan = plan
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, b, stats, weight, bias = ctx.saved_tensors
+        plan = ctx.plan
+        if torch.is_grad_enabled():
+            ctx.config = (plan.groups, plan.eps, plan.silu)
+            return _double_backward_ready(ctx, x, weight, bias, dy)[:3] + (None,)
+        if dy.stride() != plan.stride or dy.dtype != x.dtype:
+            dy = torch.empty_like(x).copy_(dy)  # into x's layout and dtype
+        dx, dw, db = plan.kernels.backward(dy, x, w, b, stats)
+        return (dx if ctx.needs_input_grad[0] else None,
+                dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
+                db.to(bias.dtype) if ctx.needs_input_grad[2] else None, None)
+
+
+_PLANS: dict[tuple, _GroupPlan] = {}
+
+
+def _tensor_signature(t):
+    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device,
+                                   t.requires_grad)
+
+
+def _plan(input, num_groups, weight, bias, eps, silu) -> _GroupPlan:
+    if type(input) is not Tensor:
+        return _GroupPlan(input, num_groups, weight, bias, eps, silu)
+    key = (input.shape, input.stride(), input.dtype, input.device, input.requires_grad,
+           num_groups, _tensor_signature(weight), _tensor_signature(bias), eps, silu,
+           torch.is_grad_enabled(), _backend._current, casts(input.device.type))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 4096:
+            _PLANS.clear()
+        plan = _PLANS[key] = _GroupPlan(input, num_groups, weight, bias, eps, silu)
+    return plan
+
+
 def group_norm(
     input: Tensor,
     num_groups: int,
@@ -183,6 +281,12 @@ def group_norm(
     float32 before the output is rounded). Channels-last input gives channels-last output.
     """
     silu = _silu_flag(activation)
+    if not torch.compiler.is_compiling():
+        plan = _plan(input, num_groups, weight, bias, eps, silu)
+        if plan.fast:
+            if plan.needs_grad:
+                return _GroupNormFast.apply(input, weight, bias, plan)
+            return plan.kernels.forward(input, *plan.params(weight, bias))[0]
     input, weight, bias = autocast_cast("group_norm", input, weight, bias)
     if not _group_norm_ok(input, num_groups, weight, bias, eps):
         # on the same tensors (see `batch_norms._replay` for why not on stand-ins)

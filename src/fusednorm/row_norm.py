@@ -375,6 +375,43 @@ class _RowNorm(torch.autograd.Function):
         return dx, (dx if same else dres) if plan.has_residual else None, dw, db, None, None
 
 
+class _PlainRowNorm(torch.autograd.Function):
+    """`_RowNorm` for the common case, with less to do per call: no residual, no dropout, x
+    saved for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan):
+        y, _, stats = plan.forward(x if plan.sx is not None else x.contiguous(), None, weight,
+                                   bias)
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.plan = plan
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, stats = ctx.saved_tensors
+        plan = ctx.plan
+        if torch.is_grad_enabled():
+            return _plain_grads(_double_backward_ready(plan, x, weight, bias, dy))
+        if not dy.is_contiguous():
+            dy = dy.contiguous()
+        if not x.is_contiguous():
+            x = x.contiguous()
+        need = ctx.needs_input_grad
+        bwd = plan.backward_plan(dy, x, weight, bias, None, need[1] or need[2], False)
+        dx, _, dw, db = bwd(dy, x, weight, bias, stats, None)
+        if dw is not None and (dw.dtype != weight.dtype or weight.dim() != 1):
+            dw = dw.to(weight.dtype).view(weight.shape)
+        if db is not None and (db.dtype != bias.dtype or bias.dim() != 1):
+            db = db.to(bias.dtype).view(bias.shape)
+        return dx, dw, db, None
+
+
+def _plain_grads(grads):
+    dx, _, dw, db = grads[:4]
+    return dx, dw, db, None
+
+
 def _double_backward_ready(plan, x, weight, bias, dy):
     """First-order gradients built from differentiable ops, so that they can be differentiated
     again. Only the plain norm needs it (torch's own fused ops do not support it either)."""
@@ -482,6 +519,8 @@ def _run(plan: _Plan, x, residual, weight, bias):
         weight = weight.contiguous()
     if not plan.b_ok:
         bias = bias.contiguous()
+    if plan.needs_grad and not (plan.fused or plan.memory_efficient):
+        return _PlainRowNorm.apply(x, weight, bias, plan)
     seed = draw_seed() if plan.dropout_p > 0 else 0
     if plan.needs_grad:
         return _RowNorm.apply(x, residual, weight, bias, plan, seed)

@@ -115,33 +115,36 @@ class GroupNormPlan:
                           local_bytes=need.local, **extra)
 
     def forward(self, x, weight, bias):
-        """(y, mean, var) of x (N, C, S) in the plan's layout."""
-        n_ = self.shape[0]
-        y = empty_layout(x, self.cl)
-        mean = torch.empty((n_, self.groups), dtype=self.ct)
-        var = torch.empty((n_, self.groups), dtype=self.ct)
+        """(y, stats) of x in the plan's layout (any shape whose memory is (N, C, S) in it);
+        y is like x, stats (2, N, G): mean, then the biased variance."""
+        y = torch.empty_like(x)
+        stats = torch.empty((2, self.shape[0], self.groups), dtype=self.ct)
+        mean = stats.data_ptr()
         threads = self._threads()
         need, fixed = self._scratch(False, threads)
         _held, shared, local = need.take(threads)  # (held until the kernel returns)
         layout = CL_FWD if self.cl else CF_FWD
         self._fwd(layout.pack_call(
-            x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(),
-            var.data_ptr(), self.cp.data_ptr(), shared, local) + layout.fixed(**fixed), threads)
-        return y, mean, var
+            x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean,
+            mean + self.shape[0] * self.groups * self.size, self.cp.data_ptr(), shared, local)
+            + layout.fixed(**fixed), threads)
+        return y, stats
 
-    def backward(self, dy, x, weight, bias, mean, var):
-        """(dx, dweight, dbias); dy and x (N, C, S) in the plan's layout and dtype."""
+    def backward(self, dy, x, weight, bias, stats):
+        """(dx, dweight, dbias); dy and x in the plan's layout and dtype, dx like x; stats as
+        `forward` returns them (contiguous)."""
         c_ = self.shape[1]
-        dx = empty_layout(x, self.cl)
+        dx = torch.empty_like(x)
         dw, db = torch.empty(c_, dtype=self.ct), torch.empty(c_, dtype=self.ct)
+        mean = stats.data_ptr()
         threads = self._threads()
         need, fixed = self._scratch(True, threads)
         _held, shared, local = need.take(threads)  # (held until the kernel returns)
         layout = CL_BWD if self.cl else CF_BWD
         self._bwd(layout.pack_call(
-            dy.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(),
-            var.data_ptr(), dx.data_ptr(), dw.data_ptr(), db.data_ptr(), self.cp.data_ptr(),
-            shared, local) + layout.fixed(**fixed), threads)
+            dy.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean,
+            mean + self.shape[0] * self.groups * self.size, dx.data_ptr(), dw.data_ptr(),
+            db.data_ptr(), self.cp.data_ptr(), shared, local) + layout.fixed(**fixed), threads)
         return dx, dw, db
 
 
@@ -169,8 +172,10 @@ def group_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
     if x.numel() == 0:
         nan = torch.full((x.shape[0], groups), float("nan"), dtype=weight.dtype)
         return empty_layout(x, channels_last), nan, nan.clone()
-    return plan(x, groups, eps, silu, channels_last).forward(x, weight.contiguous(),
-                                                             bias.contiguous())
+    y, stats = plan(x, groups, eps, silu, channels_last).forward(
+        x, weight.contiguous(), bias.contiguous())
+    # separate tensors: the outputs of an op may not alias one another
+    return y, stats[0].clone(), stats[1].clone()
 
 
 def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -183,4 +188,4 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
         return empty_layout(x, channels_last), zero, zero.clone()
     dy = conform(dy if dy.dtype == x.dtype else dy.to(x.dtype), channels_last)
     return plan(x, groups, eps, silu, channels_last).backward(
-        dy, x, weight.contiguous(), bias.contiguous(), mean.contiguous(), var.contiguous())
+        dy, x, weight.contiguous(), bias.contiguous(), torch.stack([mean, var]))

@@ -94,8 +94,10 @@ class ForwardPlan:
             m=m, n=n, sx=sx, sr=sr, is_rms=is_rms, zero_centered=zero_centered, stats=stats,
             eps=eps, p=dropout_p, scale=1.0 / (1.0 - dropout_p))
         self.cap = _threads_cap(m, n)
-        # mean then rstd in one tensor (rstd alone for RMSNorm): one allocation, one save
+        # mean then rstd in one tensor (rstd alone for RMSNorm): one allocation, one save; made
+        # `empty_like` a template (a dtype keyword makes torch.empty twice as slow)
         self.stats_len = (m if is_rms else 2 * m) if stats else 0
+        self.stats_like = torch.empty(self.stats_len, dtype=ct)
         self.rstd_offset = 0 if is_rms else m * (8 if ct == torch.float64 else 4)
         self.like_x = x_contiguous and out_dtype == x_dtype
         self.h_like_x = x_contiguous and h_dtype == x_dtype
@@ -117,7 +119,7 @@ class ForwardPlan:
                  else torch.empty(self.out_shape, dtype=self.h_dtype))
         stats_ptr = 0
         if self.stats_len:
-            stats = torch.empty(self.stats_len, dtype=self.ct)
+            stats = torch.empty_like(self.stats_like)
             stats_ptr = stats.data_ptr()
         threads = 1 if self.cap == 1 else min(self.cap, torch.get_num_threads())
         # (held in a local until the call returns: a scratch tensor may be this call's own)
@@ -167,31 +169,35 @@ class BackwardPlan:
         size = 8 if ct == torch.float64 else 4
         self.rstd_offset = 0 if is_rms else m * size
         self.scratch_bytes = SCRATCH_ROWS * n * size
-        self.parts_len = self.acc * nb * n  # dweight's partial rows, then dbias's
+        # dweight's partial rows, then dbias's, in scratch after the threads' rows
+        self.parts_bytes = self.acc * nb * n * size
+        self.dx_like_saved = saved_dtype == x_dtype  # then dx is allocated like the saved input
+        self.grad_like = torch.empty(n, dtype=ct)  # (templates: see ForwardPlan.stats_like)
 
     def __call__(self, dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tensor | None,
                  bias: torch.Tensor | None, stats: torch.Tensor, dh_out: torch.Tensor | None,
                  seed: int = 0):
         """(dx, dresidual, dweight, dbias), the parameters' in the compute dtype; None for
         what is not computed. `stats` as `ForwardPlan` returns them."""
-        dx = torch.empty(self.out_shape, dtype=self.x_dtype)
+        dx = (torch.empty_like(saved) if self.dx_like_saved and saved.is_contiguous()
+              else torch.empty(self.out_shape, dtype=self.x_dtype))
         dres = (None if self.dres_dtype is None
                 else torch.empty(self.out_shape, dtype=self.dres_dtype))
-        dw = db = parts = None
+        dw = db = None
         if self.acc:
-            parts = torch.empty(self.parts_len, dtype=self.ct)  # freed after the call
-            dw = torch.empty(self.n, dtype=self.ct)
-            db = torch.empty(self.n, dtype=self.ct) if self.acc == 2 else None
+            dw = torch.empty_like(self.grad_like)
+            db = torch.empty_like(self.grad_like) if self.acc == 2 else None
         threads = 1 if self.cap == 1 else min(self.cap, torch.get_num_threads())
-        scr = scratch(threads * self.scratch_bytes)
+        rows = threads * self.scratch_bytes
+        scr = scratch(rows + self.parts_bytes)  # (held until the kernel returns)
         seed_lo, seed_hi = _seed_words(seed) if seed else (0, 0)
-        stats_ptr = stats.data_ptr()
+        stats_ptr, scr_ptr = stats.data_ptr(), scr.data_ptr()
         self.launch(BWD_ARGS.pack_call(
             dy.data_ptr(), saved.data_ptr(), 0 if weight is None else weight.data_ptr(),
             0 if bias is None else bias.data_ptr(), stats_ptr, stats_ptr + self.rstd_offset,
             0 if dh_out is None else dh_out.data_ptr(), dx.data_ptr(),
-            0 if dres is None else dres.data_ptr(), 0 if parts is None else parts.data_ptr(),
-            0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr(), scr.data_ptr(),
+            0 if dres is None else dres.data_ptr(), scr_ptr + rows,
+            0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr(), scr_ptr,
             seed_lo, seed_hi) + self.tail, threads)
         return dx, dres, dw if self.need_dw else None, db if self.need_db else None
 
