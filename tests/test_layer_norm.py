@@ -9,7 +9,15 @@ combination, and layouts that are not contiguous.
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS, assert_close_to_ref, assert_three, device_for, randn, run_three
+from helpers import (
+    BACKENDS,
+    assert_close_to_ref,
+    assert_three,
+    device_for,
+    randn,
+    run_three,
+    ulps_for,
+)
 
 import fusednorm
 from fusednorm.reference import layer_norm_ref
@@ -31,7 +39,7 @@ def check(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend="cpu"):
         (x, weight, bias), ours,
         lambda x, w, b: F.layer_norm(x, normalized_shape, w, b, eps),
         lambda x, w, b: layer_norm_ref(x, normalized_shape, w, b, eps),
-    ), x.dtype)
+    ), x.dtype, ulps=ulps_for(backend))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
