@@ -1,5 +1,5 @@
 """What every test uses: the tolerance rule, the backends to run, random inputs, the dropout
-mask the contract specifies, and what reaches the kernels."""
+mask the contract specifies, what reaches the kernels, and the CPU kernels' thread counts."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import os
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -27,6 +28,17 @@ def device_for(backend: str) -> str:
 
 def backend_params():
     return [pytest.param(b, id=b) for b in BACKENDS]
+
+
+# Bitwise determinism of the Triton kernels can only fail on a GPU: the interpreter runs the
+# programs one after another, so every run sums in the same order whatever the kernel does.
+gpu_only_determinism = pytest.mark.skipif(
+    not GPU, reason="the interpreter runs programs one after another: cannot fail without a GPU")
+
+
+def determinism_backends():
+    return [pytest.param(b, id=b, marks=() if b == "cpu" else gpu_only_determinism)
+            for b in BACKENDS]
 
 
 # One tolerance table (flash-attn's rule): |ours - ref| <= 2 |torch - ref| + atol, with the
@@ -197,3 +209,24 @@ def row_kernel_inputs(backend: str):
         yield seen
     finally:
         module.norm_fwd = original
+
+
+# --- CPU thread counts ----------------------------------------------------------------------------
+
+# Bitwise results must not depend on the thread count: odd counts split rows and blocks unevenly,
+# 8 oversubscribes a 2-core machine (conftest.py lets numba start 8 threads).
+THREAD_COUNTS = (1, 3, 5, 8)
+
+
+@contextlib.contextmanager
+def kernel_threads(k: int):
+    """Run the CPU kernels on k threads: torch's count, which they follow, and numba's, capped by
+    NUMBA_NUM_THREADS."""
+    torch_threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(k)
+    numba.set_num_threads(min(k, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        numba.set_num_threads(numba_threads)

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     ROUNDED_ULPS,
+    THREAD_COUNTS,
     assert_close_to_ref,
+    kernel_threads,
     philox4x32_10,
     randn,
     reference_keep_mask,
@@ -515,17 +517,13 @@ def test_backward_is_deterministic_and_thread_count_independent(dtype):
     x, r = randn(m, n, dtype=dtype), randn(m, n, dtype=dtype)
     w, b = randn(n, dtype=dtype), randn(n, dtype=dtype)
     dy = randn(m, n, dtype=dtype)
-    first = ours(x, w, b, rms=False, residual=r, p=0.1, seed=5, dy=dy)
-    again = ours(x, w, b, rms=False, residual=r, p=0.1, seed=5, dy=dy)
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        single = ours(x, w, b, rms=False, residual=r, p=0.1, seed=5, dy=dy)
-    finally:
-        numba.set_num_threads(threads)
-    for k in ("y", "h", "mean", "rstd", "dx", "dr", "dw", "db"):
-        assert torch.equal(first[k], again[k]), k
-        assert torch.equal(first[k], single[k]), k
+    runs = []
+    for threads in THREAD_COUNTS + THREAD_COUNTS[-1:]:  # the last count twice: repeatable
+        with kernel_threads(threads):
+            runs.append(ours(x, w, b, rms=False, residual=r, p=0.1, seed=5, dy=dy))
+    for threads, run in zip(THREAD_COUNTS[1:] + THREAD_COUNTS[-1:], runs[1:]):
+        for k in ("y", "h", "mean", "rstd", "dx", "dr", "dw", "db"):
+            assert torch.equal(runs[0][k], run[k]), (threads, k)
 
 
 def test_serial_twin_gives_the_parallel_kernels_bits(monkeypatch):

@@ -9,15 +9,17 @@ Triton runs interpreted in CI, hence its smaller shapes.
 
 import importlib
 
-import numba
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
     BACKENDS,
+    THREAD_COUNTS,
     assert_close_to_ref,
     assert_three,
+    determinism_backends,
     device_for,
+    kernel_threads,
     randn,
     run_three,
     ulps_for,
@@ -339,7 +341,7 @@ def _outputs(backend, x, w, b, activation=None):
     return [y.detach(), *grads]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", determinism_backends())
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_determinism_bitwise(backend, channels_last):
     dev = device_for(backend)
@@ -355,20 +357,19 @@ def test_determinism_bitwise(backend, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_cpu_result_does_not_depend_on_thread_count(channels_last, activation):
-    """One thread against all: with 3 samples channels-last input also switches between the
-    per-sample and the per-block kernels (on 2+ threads), which must agree bitwise."""
+    """One thread against 3, 5 and 8: with 3 samples channels-last input also switches between
+    the per-sample and the per-block kernels (on 2+ threads), which must agree bitwise."""
     x = randn(3, 16, 40, 40)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     w, b = randn(16), randn(16)
-    threads = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = _outputs("cpu", x, w, b, activation)
-    finally:
-        numba.set_num_threads(threads)
-    for a, b_ in zip(one, _outputs("cpu", x, w, b, activation)):
-        assert torch.equal(a, b_)
+    runs = []
+    for threads in THREAD_COUNTS:
+        with kernel_threads(threads):
+            runs.append(_outputs("cpu", x, w, b, activation))
+    for threads, run in zip(THREAD_COUNTS[1:], runs[1:]):
+        for a, b_ in zip(runs[0], run):
+            assert torch.equal(a, b_), threads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

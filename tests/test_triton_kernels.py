@@ -17,6 +17,7 @@ from helpers import (
     GPU,
     assert_close_to_ref,
     device_for,
+    gpu_only_determinism,
     randn,
     reference_keep_mask,
     ulps_for,
@@ -365,6 +366,7 @@ def test_forward_is_batch_invariant(path, is_rms):
             assert a.numel() == 0 or torch.equal(a[sl], b_)
 
 
+@gpu_only_determinism
 @pytest.mark.parametrize("blocking", ["default", "one_program", "many_programs"])
 def test_backward_is_deterministic(path, monkeypatch, blocking):
     """Bitwise repeatable dx/dweight/dbias for each row blocking: one program walking every row,
