@@ -12,9 +12,11 @@ from helpers import (
     BACKENDS,
     THREAD_COUNTS,
     assert_close_to_ref,
+    assert_same_specials,
     assert_three,
     determinism_backends,
     device_for,
+    inf_running_mean_differs,
     kernel_threads,
     randn,
     run_three,
@@ -185,6 +187,61 @@ def test_transposed_input_reads_channels_innermost():
 
 def test_large_mean_is_stable():
     check(randn(8, 4, 16, 16, mean=1e4), randn(4), randn(4))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_float16_channels_above_the_kept_size(training):
+    """float16 channels first is read per channel, kept converted between the two sweeps up to
+    64K values (cpu/batch_norm.py): 80,000 values per channel take the path that reads twice."""
+    x = randn(2, 3, 200, 200, dtype=torch.float16, mean=0.5)
+    check(x, randn(3, dtype=torch.float16), randn(3, dtype=torch.float16), "cpu",
+          running_stats(3, torch.float16, "cpu"), training)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_3d(backend):
+    dev = device_for(backend)
+    x = randn(3, 6, 4, 3, 5, device=dev).to(memory_format=torch.channels_last_3d)
+    y = check(x, randn(6, device=dev), randn(6, device=dev), backend,
+              running_stats(6, torch.float32, dev))
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def _with_nan_and_inf(fn, backend, training):
+    """fn's y and running statistics on a batch with a NaN in channel 1 and an inf in 3."""
+    dev = device_for(backend)
+    torch.manual_seed(0)
+    x = randn(4, 5, 3, 3, device=dev)
+    x[0, 1, 1, 1] = float("nan")
+    x[2, 3, 0, 2] = float("inf")
+    w, b = randn(5, device=dev), randn(5, device=dev)
+    rm, rv = running_stats(5, torch.float32, dev)
+    with fusednorm.use_backend(backend):
+        y = fn(x, rm, rv, w, b, training)
+    return y, rm, rv
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's, in the interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_nan_and_inf_like_torch(backend, training):
+    """A NaN or inf poisons its channel's batch statistics (training) or only its own element
+    (eval), as in torch; the other channels stay finite and right."""
+    (y, rm, rv), (yt, rmt, rvt) = (_with_nan_and_inf(f, backend, training)
+                                   for f in (batch_norm, F.batch_norm))
+    assert_same_specials(y, yt)
+    assert y[:, [0, 2, 4]].isfinite().all()
+    keep = [0, 1, 2, 4]  # the inf channel's running mean: test_inf_running_mean_like_torch
+    assert_same_specials(rm[keep], rmt[keep])
+    assert_same_specials(rv, rvt)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's, in the interpreter
+@inf_running_mean_differs
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inf_running_mean_like_torch(backend):
+    rm, rmt = (_with_nan_and_inf(f, backend, True)[1] for f in (batch_norm, F.batch_norm))
+    assert_same_specials(rm, rmt)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -446,9 +446,14 @@ def test_backward_from_output(dtype, rms):
     check(x, w, b, rms=rms, from_output=True)
 
 
-def test_backward_from_output_zero_centered():
-    x, w = randn(37, 1000), randn(1000, std=0.1)  # 1 + w has no zeros
-    check(x, w, randn(1000), rms=False, zc=True, from_output=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_from_output_zero_centered_with_residual_and_dropout(dtype):
+    # the memory-saving mode with every option that changes what backward sees: h saved as y,
+    # dropout regenerated from the seed, a gradient into h, and the weight (1 + w)
+    m, n, p = 37, 1000, 0.25
+    x, r, w = randn(m, n, dtype=dtype), randn(m, n, dtype=dtype), randn(n, std=0.1)
+    check(x, w, randn(n), rms=False, zc=True, from_output=True, residual=r, p=p, seed=9,
+          mask=reference_keep_mask(9, m, n, p), dh_out=randn(m, n, dtype=dtype))
 
 
 # --- numerics --------------------------------------------------------------------------------------

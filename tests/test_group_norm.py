@@ -137,6 +137,15 @@ def test_other_ranks(backend, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_3d(backend):
+    dev = device_for(backend)
+    x = randn(2, 6, 4, 3, 5, device=dev).to(memory_format=torch.channels_last_3d)
+    y = check(x, 3, randn(6, device=dev), randn(6, device=dev), backend=backend,
+              activation="silu")
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("affine", ["w", "b", "none"])
 def test_affine_combinations(backend, affine):
     dev = device_for(backend)

@@ -217,8 +217,8 @@ def test_from_output(path, is_rms, params, dtype):
     check(M=5, N=100, dtype=dtype, is_rms=is_rms, params=params, from_output=True)
 
 
-def test_from_output_zero_centered_with_residual():
-    check(residual=True, zero_centered=True, from_output=True, dh_out=True)
+def test_from_output_zero_centered_with_residual_and_dropout():
+    check(residual=True, zero_centered=True, from_output=True, dh_out=True, p=0.3)
 
 
 def test_no_weight_grad():
