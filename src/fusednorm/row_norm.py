@@ -281,8 +281,9 @@ def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, resid
     out_dtype = out_dtype or x.dtype
     residual_dtype = None
     if fused:
-        residual_dtype = (torch.float32 if residual_in_fp32 else
-                          residual.dtype if residual is not None else x.dtype)
+        residual_dtype = residual.dtype if residual is not None else x.dtype
+        if residual_in_fp32:  # at least float32: a float64 stream stays float64
+            residual_dtype = torch.promote_types(residual_dtype, torch.float32)
     backend = resolve(x)
     n = 1
     for size in normalized_shape:
