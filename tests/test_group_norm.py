@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     BACKENDS,
+    GPU,
     THREAD_COUNTS,
     assert_close_to_ref,
     assert_three,
@@ -407,6 +408,30 @@ def test_cpu_batch_invariance_bitwise(norm, channels_last, dtype):
         y, dx = outputs(x[i:i + 1], dy[i:i + 1])
         assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
         assert torch.equal(y, batch_y[i:i + 1]) and torch.equal(dx, batch_dx[i:i + 1])
+
+
+@pytest.mark.skipif(not GPU, reason="needs FUSEDNORM_GPU=1 and a CUDA device: the channel "
+                    "kernels index exact layouts, so offsets past 2^31 need a tensor that large")
+def test_gpu_over_2_31_elements():
+    """64-bit offsets: the last sample of a tensor just over 2^31 elements, y and dx."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 << 30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    c = 64
+    n = (1 << 31) // (c * 256 * 256) + 1
+    x = torch.randn(n, c, 256, 256, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    w, b = randn(c, device="cuda"), randn(c, device="cuda")
+    y = group_norm(x, 8, w, b)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    tail = x.detach()[-1:]  # one sample: its own statistics, its own dx (torch's and ref's)
+
+    def theirs(t):
+        return torch_group_norm(t, 8, w, b, 1e-5)
+
+    _, (yt, gt, _), (yr, gr, _) = run_three((tail,), theirs, theirs,
+                                            lambda t: group_norm_ref(t, 8, w, b), dy=dy[-1:])
+    assert_close_to_ref(y[-1:].detach(), yt, yr, what="y")
+    assert_close_to_ref(dx[-1:], gt[0], gr[0], what="dx")
 
 
 def test_fused_silu_large_group_cpu():
