@@ -85,10 +85,15 @@ def running_stats(c, dtype, device):
     return randn(c, dtype=dtype, device=device), randn(c, dtype=dtype, device=device).abs() + 0.5
 
 
+# Training on three shapes (the statistics' splits depend on them); eval normalizes with given
+# statistics, element by element, so one shape suffices.
+SHAPES = [((20, 6, 10, 10), True), ((4, 64, 33, 35), True), ((37, 16, 12, 10), True),
+          ((37, 16, 12, 10), False)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("shape", [(20, 6, 10, 10), (4, 64, 33, 35), (37, 16, 12, 10)], ids=str)
+@pytest.mark.parametrize("shape,training", SHAPES, ids=str)
 def test_values_cpu(shape, training, channels_last, dtype):
     x = randn(*shape, dtype=dtype, mean=0.5)
     if channels_last:

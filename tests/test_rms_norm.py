@@ -35,7 +35,9 @@ def check(x, normalized_shape, weight=None, eps=None, backend="cpu"):
         assert_close_to_ref(a, b, r, dtype=x.dtype, what=name, ulps=ulps_for(backend))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# The grid's sizes in float32 and bfloat16: float16 and float64 take the same Python path, and
+# the kernel grid of test_cpu_kernels.py runs RMSNorm in every dtype at these sizes.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m,n", GRID)
 def test_grid_cpu(m, n, dtype):
     check(randn(m, n, dtype=dtype), (n,), randn(n, dtype=dtype))
