@@ -25,8 +25,8 @@ EPS = 1e-5
 def keep_mask(backend, seed_from, m, n, p, device):
     """The mask a call made right after torch.manual_seed(seed_from) uses: for our kernels the
     contract's mask (helpers.py, written from its specification) on the seed that call draws;
-    the "torch" backend's composite draws torch's own dropout (whose mask is the same for every
-    dtype)."""
+    the "torch" backend's composite draws torch's own dropout (its mask does not depend on the
+    dtype here)."""
     torch.manual_seed(seed_from)
     if backend == "torch":
         return F.dropout(torch.ones(m, n), p) != 0

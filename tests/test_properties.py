@@ -8,7 +8,7 @@ a slice of wider rows must reach it in place, with its row stride."""
 import torch
 import torch.nn.functional as F
 from helpers import assert_three, row_kernel_inputs, run_three
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fusednorm
@@ -62,6 +62,8 @@ def reaches_kernel_in_place(x, k):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(cases())
+@example({"shape": [3, 4, 123], "k": 1, "dtype": torch.bfloat16, "layout": "sliced",
+          "norm": "layer", "weight": True, "bias": True, "seed": 1})  # read in place, every run
 def test_random_cases_match_reference(case):
     gen = torch.Generator().manual_seed(case["seed"])
     dtype, ns = case["dtype"], tuple(case["shape"][-case["k"]:])
