@@ -61,7 +61,9 @@ def compare_under_autocast(device, autocast_dtype, op, x_dtype, p_dtype, compile
         results.append((y, *grads))
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
     y64 = ref(x64, w64, b64)
-    refs = (y64, *torch.autograd.grad(y64, (x64, w64, b64), dy.double(), allow_unused=True))
+    # the dy ours received: rounded to y's dtype
+    dy64 = dy.to(results[0][0].dtype).double()
+    refs = (y64, *torch.autograd.grad(y64, (x64, w64, b64), dy64, allow_unused=True))
     for what, a, t, r in zip(("y", "dx", "dw", "db"), *results, refs):
         if t is None:
             assert a is None or not a.any(), what

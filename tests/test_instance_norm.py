@@ -6,7 +6,17 @@ and state_dict compatibility.
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS, assert_close_to_ref, assert_three, device_for, randn, run_three
+from helpers import (
+    BACKENDS,
+    assert_close_to_ref,
+    assert_same_specials,
+    assert_three,
+    device_for,
+    inf_running_mean_differs,
+    randn,
+    run_three,
+    ulps_for,
+)
 
 import fusednorm
 from fusednorm.group_norms import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, instance_norm
@@ -61,12 +71,12 @@ def check(x, weight=None, bias=None, backend="cpu", running=None, use_input_stat
 
     results = run_three((x, weight, bias), with_stats(ours), with_stats(F.instance_norm),
                         with_stats(instance_norm_ref))
-    assert_three(results, x.dtype)
+    assert_three(results, x.dtype, ulps=ulps_for(backend))
     if running is not None:
         (_, _, (rm, rv)), (_, _, (rmt, rvt)), (_, _, (rmr, rvr)) = results
         assert rm.dtype == running[0].dtype
-        assert_close_to_ref(rm, rmt, rmr, what="running_mean")
-        assert_close_to_ref(rv, rvt, rvr, what="running_var")
+        assert_close_to_ref(rm, rmt, rmr, what="running_mean", ulps=ulps_for(backend))
+        assert_close_to_ref(rv, rvt, rvr, what="running_var", ulps=ulps_for(backend))
     return results[0][0]
 
 
@@ -93,6 +103,49 @@ def test_values_gradients_running_stats(backend, dtype, channels_last):
 def test_other_ranks(backend, shape):
     dev = device_for(backend)
     check(randn(*shape, device=dev), randn(6, device=dev), None, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_3d(backend):
+    dev = device_for(backend)
+    x = randn(2, 6, 4, 3, 5, device=dev).to(memory_format=torch.channels_last_3d)
+    running = (randn(6, device=dev), randn(6, device=dev).abs() + 0.5)
+    y = check(x, randn(6, device=dev), randn(6, device=dev), backend, running)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def _with_nan_and_inf(fn, backend):
+    """fn's y and running statistics with a NaN in (0, 1) and a -inf in (2, 3)."""
+    dev = device_for(backend)
+    torch.manual_seed(0)
+    x = randn(3, 4, 5, 5, device=dev)
+    x[0, 1, 2, 2] = float("nan")
+    x[2, 3, 0, 4] = float("-inf")
+    rm, rv = torch.zeros(4, device=dev), torch.ones(4, device=dev)
+    with fusednorm.use_backend(backend):
+        y = fn(x, rm, rv)
+    return y, rm, rv
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's, in the interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_inf_like_torch(backend):
+    """A NaN or inf poisons only its own (sample, channel), and the running statistics of that
+    channel, as in torch."""
+    (y, rm, rv), (yt, rmt, rvt) = (_with_nan_and_inf(f, backend)
+                                   for f in (instance_norm, F.instance_norm))
+    assert_same_specials(y, yt)
+    assert y[1].isfinite().all() and rm[[0, 2]].isfinite().all()
+    assert_same_specials(rm[:3], rmt[:3])  # channel 3's: test_inf_running_mean_like_torch
+    assert_same_specials(rv, rvt)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's, in the interpreter
+@inf_running_mean_differs
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inf_running_mean_like_torch(backend):
+    rm, rmt = (_with_nan_and_inf(f, backend)[1] for f in (instance_norm, F.instance_norm))
+    assert_same_specials(rm, rmt)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

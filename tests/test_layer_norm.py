@@ -9,10 +9,20 @@ combination, and layouts that are not contiguous.
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS, assert_close_to_ref, assert_three, device_for, randn, run_three
+from helpers import (
+    BACKENDS,
+    assert_close_to_ref,
+    assert_three,
+    determinism_backends,
+    device_for,
+    randn,
+    row_kernel_inputs,
+    run_three,
+    ulps_for,
+)
 
 import fusednorm
-from fusednorm.reference import layer_norm_ref
+from fusednorm.reference import layer_norm_ref, rms_norm_ref
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 NS = [1, 7, 768, 1000, 4096, 65536, 300000]
@@ -31,7 +41,7 @@ def check(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend="cpu"):
         (x, weight, bias), ours,
         lambda x, w, b: F.layer_norm(x, normalized_shape, w, b, eps),
         lambda x, w, b: layer_norm_ref(x, normalized_shape, w, b, eps),
-    ), x.dtype)
+    ), x.dtype, ulps=ulps_for(backend))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -103,6 +113,47 @@ def test_non_contiguous(backend, layout, dtype):
     w = randn(*ns, dtype=dtype, device=x.device)
     b = randn(*ns, dtype=dtype, device=x.device)
     check(x, ns, w, b, backend=backend)
+
+
+def rows_past_2_31(m, n, dtype, device):
+    """(m, n) rows 2^32 + 3n elements apart: offsets past 2^31 (and 2^32) without 8 GB of
+    memory. The storage is reserved, not touched: only the m rows are written. An offset cut to
+    32 bits lands 3n elements in, in the untouched zeros, so it gives a wrong row, not a crash."""
+    stride = (1 << 32) + 3 * n
+    try:
+        storage = torch.empty((m - 1) * stride + n, dtype=dtype, device=device)
+    except RuntimeError as e:  # e.g. with memory overcommit switched off
+        size = ((m - 1) * stride + n) * torch.empty((), dtype=dtype).element_size()
+        pytest.skip(f"cannot reserve {size >> 30} GiB of address space: {e}")
+    x = storage.as_strided((m, n), (stride, 1))
+    x.copy_(randn(m, n, dtype=dtype, device=device))
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_offsets_past_2_31_elements(backend, norm):
+    """64-bit row offsets, forward and every gradient (weight ones included): row 1 of x lies
+    2^32 + 3N elements into its storage, and the kernel reads it there."""
+    dev, n = device_for(backend), 96
+    x = rows_past_2_31(2, n, torch.bfloat16, dev)
+    w, b = randn(n, device=dev), randn(n, device=dev)
+    fns = (fusednorm.layer_norm, F.layer_norm, layer_norm_ref) if norm == "layer" else (
+        fusednorm.rms_norm, F.rms_norm, rms_norm_ref)
+
+    def call(fn):
+        def run(x, w, b):
+            with fusednorm.use_backend(backend):
+                if norm == "layer":
+                    return fn(x, (n,), w, b, 1e-5)
+                return fn(x, (n,), w, 1e-5)
+        return run
+
+    inputs = (x, w, b if norm == "layer" else None)
+    with row_kernel_inputs(backend) as seen:
+        results = run_three(inputs, *(call(f) for f in fns))
+    assert seen == [((2, n), x.stride(), x.data_ptr())], "x must reach the kernel as it is"
+    assert_three(results, torch.bfloat16, ulps=ulps_for(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -234,7 +285,7 @@ def test_batch_invariance_bitwise(backend, dtype):
             assert torch.equal(part, full[rows])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", determinism_backends())
 def test_determinism_bitwise(backend):
     dev = device_for(backend)
     m, n = (256, 512) if backend == "cpu" else (64, 96)

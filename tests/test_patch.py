@@ -90,7 +90,8 @@ def test_bfloat16_llama_keeps_its_cast_order():
     with torch.no_grad():
         a, b = ours(**kwargs).logits, theirs(**kwargs).logits
     assert a.dtype == b.dtype == torch.bfloat16
-    assert_close_to_ref(a, b, f64, what="bf16 logits")  # bitwise passes too
+    # a whole model in bfloat16 against float64: no single rounding to check element by element
+    assert_close_to_ref(a, b, f64, what="bf16 logits", ulps=None)  # bitwise passes too
 
 
 # One of each Hugging Face cast order, and each (input, weight) dtype pair that models use.
@@ -153,7 +154,9 @@ def test_hf_norm_output_dtype_values_and_grads(key, x_dtype, w_dtype):
         assert (y != y_theirs).float().mean() < 0.05, "cast order"
     for what, a, b, r in zip(("y", "dx", "dw"), *results, [ref, *ref_grads]):
         assert a.dtype == b.dtype, what
-        assert_close_to_ref(a, b, r, what=f"{key} {what}")
+        # ref is the plain norm; each class rounds where its cast order says (checked against
+        # the class itself above), so no element-by-element bound against ref
+        assert_close_to_ref(a, b, r, what=f"{key} {what}", ulps=None)
 
 
 def test_hf_norm_compiles_without_graph_breaks():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS, assert_close_to_ref, device_for, randn
+from helpers import BACKENDS, assert_close_to_ref, device_for, randn, ulps_for
 from test_layer_norm import DTYPES, GRID
 
 import fusednorm
@@ -32,10 +32,12 @@ def check(x, normalized_shape, weight=None, eps=None, backend="cpu"):
     assert outs[0][0].dtype == outs[1][0].dtype
     for name, a, b, r in zip(("y", "dx", "dweight"), *outs):
         assert a.dtype == b.dtype, name
-        assert_close_to_ref(a, b, r, dtype=x.dtype, what=name)
+        assert_close_to_ref(a, b, r, dtype=x.dtype, what=name, ulps=ulps_for(backend))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# The grid's sizes in float32 and bfloat16: float16 and float64 take the same Python path, and
+# the kernel grid of test_cpu_kernels.py runs RMSNorm in every dtype at these sizes.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m,n", GRID)
 def test_grid_cpu(m, n, dtype):
     check(randn(m, n, dtype=dtype), (n,), randn(n, dtype=dtype))

@@ -146,15 +146,18 @@ def _composite(h, weight, bias, eps, is_rms, zero_centered, out_dtype, xhat_dtyp
 
 def _composite_call(x, residual, weight, bias, eps, dropout_p, residual_dtype, out_dtype,
                     zero_centered, xhat_dtype, is_rms, fused, m, n):
-    h = x
+    h = normed = x
     if fused:
-        h = F.dropout(x, dropout_p) if dropout_p > 0 else x
-        # added in h's dtype, as the kernels do (a bfloat16 sum rounded, then widened, would
-        # differ from theirs)
-        h = h.to(residual_dtype) if residual is None else (
-            residual.to(residual_dtype) + h.to(residual_dtype))
+        # as the kernels: residual + dropout(x) in the compute dtype, rounded once to h's dtype;
+        # the norm reads that h, and its gradient meets h's own in the compute dtype
+        compute = _stats_dtype(torch.promote_types(x.dtype, residual_dtype))
+        hc = x.to(compute)
+        hc = F.dropout(hc, dropout_p) if dropout_p > 0 else hc
+        hc = hc if residual is None else residual.to(compute) + hc
+        h = hc.to(residual_dtype)
+        normed = hc + (h.to(compute) - hc).detach()
     y = _composite(
-        h.reshape(m, n),
+        normed.reshape(m, n),
         weight.reshape(n) if weight is not None else None,
         bias.reshape(n) if bias is not None else None,
         eps, is_rms, zero_centered, out_dtype, xhat_dtype,

@@ -83,7 +83,7 @@ class ForwardPlan:
                  dropout_p: float, xhat_dtype: torch.dtype | None, stats: bool,
                  out_shape: tuple[int, ...], x_contiguous: bool = False) -> None:
         ct = compute_dtype(x_dtype)
-        self.m, self.n, self.ct, self.is_rms = m, n, ct, is_rms
+        self.m, self.n, self.sx, self.ct, self.is_rms = m, n, sx, ct, is_rms
         self.out_dtype, self.h_dtype, self.out_shape = out_dtype, h_dtype, out_shape
         if xhat_dtype == ct:
             xhat_dtype = None  # rounding to the compute type is no rounding
