@@ -8,7 +8,6 @@ import json
 
 import torch
 
-from fusednorm.__main__ import main as fusednorm_main
 from fusednorm.bench import __main__ as cli
 from fusednorm.bench import cases, providers
 from fusednorm.bench.cases import bytes_moved
@@ -77,11 +76,6 @@ def test_cli_writes_results_and_marks_wrong_providers(tmp_path, monkeypatch, cap
     assert meta["device"] and meta["torch"] == torch.__version__ and "--quick" in meta["command"]
     for mode in ("fwd", "bwd", "fwdbwd"):
         assert (tmp_path / f"add_layer_norm_{mode}_bfloat16.png").stat().st_size > 0
-
-
-def test_python_m_fusednorm_needs_the_bench_subcommand(capsys):
-    assert fusednorm_main(["nope"]) == 2
-    assert "usage" in capsys.readouterr().err
 
 
 def test_bytes_moved():

@@ -1,14 +1,18 @@
-"""`python -m fusednorm bench` (or the `fusednorm bench` script): bandwidth of every norm op,
-fusednorm against torch eager, torch.compile and whichever peers are installed.
+"""`python -m fusednorm bench` (or `fusednorm bench`): fusednorm measured against torch.
 
-For each (op, dtype, shape): build every provider, check its outputs and gradients against the
-float64 reference (check.py), measure its forward+backward memory, then per mode time the valid
-ones round-robin with x.clone() (and, on CUDA for small calls, an empty launch) as references.
+By default the bandwidth of every norm op, fusednorm against torch eager, torch.compile and
+whichever peers are installed: for each (op, dtype, shape), build every provider, check its
+outputs and gradients against the float64 reference (check.py), measure its forward+backward
+memory, then per mode time the valid ones round-robin with x.clone() (and, on CUDA for small
+calls, an empty launch) as references. `--calls`, `--startup` and `--models` run the other
+suites instead: small calls (calls.py), first calls of new processes (startup.py) and whole
+Hugging Face models (models.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -65,24 +69,43 @@ def parse(argv: list[str]) -> argparse.Namespace:
         prog="python -m fusednorm bench",
         description="Bandwidth (GB/s of the bytes that must move) of fusednorm's ops against "
         "torch eager, torch.compile, Liger-Kernel, quack and apex. Exits with 1 if fusednorm "
-        "gives results outside the tolerance or fails.")
+        "gives results outside the tolerance or fails. --calls, --startup and --models run "
+        "the other suites instead.")
+    suites = p.add_mutually_exclusive_group()
+    suites.add_argument("--calls", action="store_true",
+                        help="the cost of small calls (1x768, 8x768, 1x4096 LayerNorm and "
+                        "RMSNorm, 2x32x4x4 GroupNorm; no grad, and module forward+backward): "
+                        "median ratio to torch over interleaved rounds")
+    suites.add_argument("--startup", action="store_true",
+                        help="a new process's import and first forward and backward, with an "
+                        "empty kernel cache (cold) and with the cache it left (warm)")
+    suites.add_argument("--models", action="store_true",
+                        help="Hugging Face GPT-2 and Llama-style models (4 layers, width 768, "
+                        "random init), patched against unpatched: a training step and 1- and "
+                        "64-token inference, float32 and bfloat16 (--dtypes)")
+    p.add_argument("--rounds", type=int, help="rounds for --calls (15) and --models (15)")
     p.add_argument("--quick", action="store_true",
-                   help="issue 2's headline shapes: layer_norm, fwd and fwdbwd, fusednorm and "
-                   "torch against a copy, plus the per-call overhead (under two minutes on CPU)")
+                   help="the headline shapes (4096x4096, 32768x768, 8192x1024): layer_norm, "
+                   "fwd and fwdbwd, fusednorm and torch against a copy, plus the per-call "
+                   "overhead (under two minutes on CPU)")
     p.add_argument("--out", type=Path, help="write results.csv, results.json and PNG plots here")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
-    p.add_argument("--ops", help="comma list of " + ", ".join(cases.OPS + tuple(cases.ALIASES)))
+    p.add_argument("--ops", help="comma list of " + ", ".join(cases.OPS + tuple(cases.ALIASES))
+                   + " (aliases: " + "; ".join(f"{a} = {','.join(o)}"
+                                               for a, o in cases.ALIASES.items()) + ")")
     p.add_argument("--dtypes", help="comma list of " + ", ".join(cases.DTYPES))
     p.add_argument("--modes", help="comma list of " + ", ".join(cases.MODES))
     p.add_argument("--shapes", help="comma list of MxN (rows x row length), replacing the sweep")
     p.add_argument("--providers", help="comma list of " + ", ".join(providers.PROVIDERS))
     args = p.parse_args(argv)
+    if args.calls and not args.dtypes:
+        args.dtypes = "float32"  # the small-call table is about the launch, not the dtype
     preset = PRESETS["quick" if args.quick else "full"]
     for key, value in preset.items():
         setattr(args, key, [v for v in (getattr(args, key) or value).split(",") if v])
     args.ops = [o for op in args.ops for o in cases.ALIASES.get(op, (op,))]
-    for key, known in (("ops", cases.OPS), ("dtypes", cases.DTYPES), ("modes", cases.MODES),
-                       ("providers", providers.PROVIDERS)):
+    for key, known in (("ops", cases.OPS + tuple(cases.ALIASES)), ("dtypes", cases.DTYPES),
+                       ("modes", cases.MODES), ("providers", providers.PROVIDERS)):
         if bad := [v for v in getattr(args, key) if v not in known]:
             p.error(f"unknown {key}: {', '.join(bad)} (known: {', '.join(known)})")
     args.ops = sorted(set(args.ops), key=cases.OPS.index)
@@ -166,11 +189,13 @@ def _row(row: dict, st: dict | None, v: check.Verdict | None, nbytes: int, copy_
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m fusednorm bench` and of the `fusednorm` script."""
+    """Entry point of `python -m fusednorm bench` (argv: what follows "bench")."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         argv = argv[1:]
     args = parse(argv)
+    if args.calls or args.startup or args.models:
+        return _suite(args, argv)
     import fusednorm
 
     meta = report.environment(args.device, argv)
@@ -200,6 +225,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
     ours_bad = [r for r in rows if r["provider"] == "fusednorm" and r["status"] != "ok"]
     return 1 if ours_bad else 0
+
+
+def _suite(args, argv: list[str]) -> int:
+    """--calls, --startup or --models: run, print the table, write results.json to --out."""
+    meta = report.environment("cpu", argv)
+    print(f"fusednorm bench on {meta['device']} ({meta['logical_cpus']} CPUs, torch "
+          f"{meta['torch']}, {torch.get_num_threads()} threads, numba {meta['numba']})\n",
+          flush=True)
+    if args.calls:
+        from fusednorm.bench import calls as suite
+
+        rows = [r for dtype in args.dtypes
+                for r in suite.run(rounds=args.rounds or 15, dtype=cases.DTYPES[dtype])]
+    elif args.startup:
+        from fusednorm.bench import startup as suite
+
+        rows = suite.run(dtypes=args.dtypes)
+    else:
+        from fusednorm.bench import models as suite
+
+        try:
+            rows = suite.run(dtypes=[cases.DTYPES[d] for d in args.dtypes],
+                             rounds=args.rounds or 15,
+                             progress=lambda s: print(f"  {s} ...", file=sys.stderr, flush=True))
+        except suite.Unavailable as e:
+            print(f"--models: {e}", file=sys.stderr)
+            return 1
+    print(suite.table(rows))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / "results.json"
+        path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        (args.out / "results.txt").write_text(suite.table(rows) + "\n")
+        print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -86,9 +86,10 @@ def block(rows: list[dict]) -> str:
     timed = {r["provider"]: r["time_us"] for r in rows if r["time_us"] is not None}
     head = f"{r0['op']}  {r0['dtype']}  {r0['shape']}  {r0['mode']}"
     head += "  [per-call overhead]" if r0["tag"] == "tiny" else ""
+    # every column starts with a space: a wide value never runs into its neighbour
     lines = [f"{head}  (moves {r0['bytes'] / 1e6:.4g} MB)",
-             f"  {'provider':<10}{'time':>10}{'GB/s':>9}{'% copy':>8}{'mem MB':>9}"
-             + "".join(f"{'vs ' + p:>14}" for p in timed)]
+             f"  {'provider':<10} {'time':>10} {'GB/s':>9} {'% copy':>7} {'mem MB':>8}"
+             + "".join(f" {'vs ' + p:>13}" for p in timed)]
     for r in rows:
         if r["time_us"] is None:
             lines.append(f"  {r['provider']:<10}  {r['status'].upper()}: {r['note']}")
@@ -97,10 +98,11 @@ def block(rows: list[dict]) -> str:
         mem = "-" if r["mem_bytes"] is None else f"{r['mem_bytes'] / 1e6:.4g}"
         pct = "-" if r["pct_copy"] is None else f"{r['pct_copy']:.0f}%"
         ratios = "".join(
-            f"{'-' if p == r['provider'] else format(timed[p] / r['time_us'], '.2f') + 'x':>14}"
+            f" {'-' if p == r['provider'] else format(timed[p] / r['time_us'], '.2f') + 'x':>13}"
             for p in timed)
         gbps = "-" if r["gbps"] is None else f"{r['gbps']:.4g}"
-        lines.append(f"  {r['provider']:<10}{_time(t):>10}{gbps:>9}{pct:>8}{mem:>9}" + ratios)
+        lines.append(f"  {r['provider']:<10} {_time(t):>10} {gbps:>9} {pct:>7} {mem:>8}"
+                     + ratios)
     return "\n".join(lines)
 
 

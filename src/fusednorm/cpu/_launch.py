@@ -19,10 +19,10 @@ importing numba. So:
 from __future__ import annotations
 
 import ctypes
-import glob
 import hashlib
 import json
 import os
+import re
 import struct
 import sys
 import threading
@@ -107,17 +107,18 @@ class _OpenMP:
 
 
 def _find_openmp() -> ctypes.CDLL | None:
-    """The libgomp (or LLVM libomp, which exports the same GOMP entry points) that torch
+    """The libgomp (or LLVM/Intel libomp, which export the same GOMP entry points) that torch
     loaded: the copy in torch/lib for pip wheels, else one already mapped in the process."""
     if "OpenMP" not in torch.__config__.parallel_info():
         return None
+    runtime = re.compile(r"^lib[gi]?omp[-.\w]*\.(so|dylib)")
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
-    candidates = sorted(glob.glob(os.path.join(torch_lib, "lib*omp*.so*")) +
-                        glob.glob(os.path.join(torch_lib, "lib*omp*.dylib")))
+    candidates = sorted(os.path.join(torch_lib, f) for f in os.listdir(torch_lib)
+                        if runtime.match(f)) if os.path.isdir(torch_lib) else []
     try:
         with open("/proc/self/maps") as maps:
             candidates += sorted({line.split()[-1] for line in maps
-                                  if "omp" in line.rsplit("/", 1)[-1] and ".so" in line})
+                                  if runtime.match(os.path.basename(line.split()[-1]))})
     except OSError:
         pass
     for path in candidates:
@@ -128,7 +129,6 @@ def _find_openmp() -> ctypes.CDLL | None:
         except OSError:
             continue
     return None
-
 
 
 _local = threading.local()
@@ -193,7 +193,7 @@ class _Runtime:
         for part in (__version__, llvmlite.__version__, _numba_version(),
                      sys.version, *self.cpu):
             h.update(part.encode() + b"\0")
-        for path in sorted(Path(__file__).parent.glob("*.py")):  # the kernels' source
+        for path in sorted(Path(__file__).parent.rglob("*.py")):  # the kernels' source
             h.update(path.read_bytes())
         self.build_id = "kernels-" + h.hexdigest()[:16]
         self.engines = []  # one JIT per object file: none of them may be freed

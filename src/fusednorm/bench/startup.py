@@ -1,0 +1,74 @@
+"""`python -m fusednorm bench --startup`: what a new process waits for before its first norm.
+
+Each measurement is a fresh Python process (the only way to see a first call): it imports torch,
+then fusednorm, then runs a LayerNorm module's first forward and first backward on an 8×768
+input. "cold" gives it an empty kernel cache (a fresh environment: the kernels are compiled),
+"warm" the cache the cold run left (every later process). Repeated, the medians reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+import fusednorm
+t2 = time.perf_counter()
+dtype = getattr(torch, sys.argv[1])
+x = torch.randn(8, 768, dtype=dtype, requires_grad=True)
+norm = fusednorm.LayerNorm(768, dtype=dtype)
+t3 = time.perf_counter()
+y = norm(x)
+t4 = time.perf_counter()
+y.backward(torch.ones_like(y))
+t5 = time.perf_counter()
+print(json.dumps({"import_torch": t1 - t0, "import_fusednorm": t2 - t1, "forward": t4 - t3,
+                  "backward": t5 - t4, "numba_imported": "numba" in sys.modules}))
+"""
+
+GOALS = {"cold": 1.5, "warm": 0.15}  # seconds, first forward and first backward each
+
+
+def _child(dtype: str, cache: str) -> dict:
+    env = dict(os.environ, FUSEDNORM_CACHE_DIR=cache)
+    out = subprocess.run([sys.executable, "-c", _CHILD, dtype], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run(dtypes=("float32", "bfloat16"), repeats: int = 3) -> list[dict]:
+    rows = []
+    for dtype in dtypes:
+        runs = {"cold": [], "warm": []}
+        for _ in range(repeats):
+            with tempfile.TemporaryDirectory(prefix="fusednorm-cache-") as cache:
+                runs["cold"].append(_child(dtype, cache))
+                runs["warm"].append(_child(dtype, cache))
+        for state, results in runs.items():
+            row = {"dtype": dtype, "cache": state, "repeats": repeats,
+                   "numba_imported": any(r["numba_imported"] for r in results)}
+            for key in ("import_fusednorm", "forward", "backward", "import_torch"):
+                row[key] = statistics.median(r[key] for r in results)
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'dtype':<9} {'cache':<5} {'import fusednorm':>16} {'1st forward':>12} "
+            f"{'1st backward':>13}  goal each   numba imported")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        goal = GOALS[r["cache"]]
+        ok = "ok" if max(r["forward"], r["backward"]) <= goal else "MISSED"
+        lines.append(f"{r['dtype']:<9} {r['cache']:<5} {r['import_fusednorm']:>15.3f}s "
+                     f"{r['forward']:>11.3f}s {r['backward']:>12.3f}s  <= {goal:<5}s {ok:<6} "
+                     f"{'yes' if r['numba_imported'] else 'no'}")
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""The command line: `python -m fusednorm {bench,warmup,info}`, its help and exit codes, and the
+benchmark suites' plumbing on tiny cases (timings are never asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fusednorm.__main__ import main
+from fusednorm.bench import calls, models
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fusednorm", *args], check=False,
+                          capture_output=True, text=True)
+
+
+def test_help_lists_the_commands_and_exits_0():
+    out = _run("--help")
+    assert out.returncode == 0
+    for command in ("bench", "warmup", "info"):
+        assert f"  {command} " in out.stdout
+
+
+def test_no_command_or_an_unknown_one_exits_2():
+    assert _run().returncode == 2
+    out = _run("nope")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_each_command_has_help(capsys):
+    for command in ("bench", "warmup", "info"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        assert f"python -m fusednorm {command}" in capsys.readouterr().out
+
+
+def test_info_names_versions_threads_and_cache(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    import fusednorm
+    from fusednorm.cpu._launch import cache_dir
+
+    assert f"fusednorm {fusednorm.__version__}" in out
+    assert str(cache_dir()) in out
+    assert f"torch.get_num_threads() = {torch.get_num_threads()}" in out
+
+
+def test_warmup_loads_the_kernels_and_refuses_unknown_dtypes(capsys):
+    assert main(["warmup", "--dtypes", "float32"]) == 0
+    assert "kernels ready in" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["warmup", "--dtypes", "float8"])
+    assert e.value.code == 2
+
+
+def test_bench_names_every_known_op_when_one_is_unknown(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--ops", "nope"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    for op in ("layer_norm", "add_norm", "channel_norms"):
+        assert op in err
+
+
+def test_bench_calls_suite(monkeypatch, capsys, tmp_path):
+    cases = calls.cases()
+    monkeypatch.setattr(calls, "cases", lambda dtype: [cases[0], cases[3]])
+    assert main(["bench", "--calls", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "layer_norm 1x768" in out and "LayerNorm 1x768" in out
+    assert (tmp_path / "results.json").is_file()
+
+
+def test_models_patched_match_unpatched_on_tiny_configs(monkeypatch):
+    """The suite's own check (same logits) on tiny models; one round each."""
+    pytest.importorskip("transformers")
+    monkeypatch.setattr(models, "WIDTH", 64)
+    monkeypatch.setattr(models, "HEADS", 4)
+    monkeypatch.setattr(models, "LAYERS", 1)
+    rows = models.run(workloads=("infer 1x1",), dtypes=(torch.float32,), rounds=1)
+    assert [r["case"] for r in rows] == ["gpt2 infer 1x1 float32", "llama infer 1x1 float32"]
+    assert all(r["speedup"] > 0 for r in rows)

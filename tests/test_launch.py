@@ -1,0 +1,192 @@
+"""The CPU launch layer (cpu/_launch.py) and the plans above it (row_norm.py, group_norms.py):
+threads, the kernel cache, and plans that never serve a call they were not made for."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import randn
+
+import fusednorm
+from fusednorm.cpu import _launch
+from fusednorm.cpu import layer_norm as ln
+
+# --- threads: torch's count, torch's pool --------------------------------------------------------
+
+
+def _threads_used(fn) -> list[int]:
+    """The thread counts of the kernel launches fn makes (1: on the calling thread)."""
+    seen = []
+    launch = _launch.Launch.__call__
+
+    def recording(self, block, threads=1):
+        seen.append(threads)
+        return launch(self, block, threads)
+
+    _launch.Launch.__call__ = recording
+    try:
+        fn()
+    finally:
+        _launch.Launch.__call__ = launch
+    return seen
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernels_follow_torch_set_num_threads(threads):
+    x = randn(256, 1024, requires_grad=True)  # above the grain: a parallel call
+    norm = fusednorm.LayerNorm(1024)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        seen = _threads_used(lambda: norm(x).sum().backward())
+    finally:
+        torch.set_num_threads(before)
+    # the forward may run straight on the calling thread, bypassing __call__, when serial
+    assert seen and set(seen) == {threads}
+
+
+def test_one_thread_pool():
+    """The kernels run on torch's OpenMP threads: no thread is started for them."""
+    if not os.path.isdir("/proc/self/task") or _launch.openmp_runtime() is None:
+        pytest.skip("needs Linux's /proc and torch built with OpenMP")
+    torch.set_num_threads(2)
+    x = randn(512, 1024)
+    F.layer_norm(x, (1024,))  # torch's pool is up
+    count = len(os.listdir("/proc/self/task"))
+    for _ in range(3):
+        fusednorm.layer_norm(x, (1024,))
+        fusednorm.group_norm(x.view(8, 64, 1024), 8)
+    assert len(os.listdir("/proc/self/task")) == count
+
+
+def test_a_first_kernel_leaves_torch_thread_count_alone():
+    """(numba's own threading layer set torch's OpenMP thread count on its first launch.)"""
+    code = ("import torch, fusednorm; torch.set_num_threads(1); "
+            "fusednorm.layer_norm(torch.randn(512, 1024), (1024,)); "
+            "print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
+
+
+# --- the kernel cache ------------------------------------------------------------------------------
+
+
+def test_a_cached_kernel_loads_without_numba(tmp_path):
+    """The first process compiles into the cache directory; the next loads the machine code
+    and never imports numba."""
+    code = ("import json, sys, torch, fusednorm; x = torch.randn(4, 96, requires_grad=True); "
+            "fusednorm.LayerNorm(96)(x).sum().backward(); "
+            "print(json.dumps({'numba': 'numba' in sys.modules}))")
+    env = dict(os.environ, FUSEDNORM_CACHE_DIR=str(tmp_path))
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           check=True)
+    files = list(tmp_path.rglob("*.o"))
+    assert len(files) >= 2 and all(f.stat().st_size for f in files)  # forward and backward
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True)
+    assert json.loads(first.stdout.splitlines()[-1]) == {"numba": True}
+    assert json.loads(second.stdout.splitlines()[-1]) == {"numba": False}
+
+
+def test_cache_directory_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FUSEDNORM_CACHE_DIR", str(tmp_path))
+    assert _launch.cache_dir().parent == tmp_path
+    monkeypatch.delenv("FUSEDNORM_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _launch.cache_dir().parent == tmp_path / "xdg" / "fusednorm"
+    assert "site-packages" not in str(_launch.cache_dir())
+
+
+def test_a_kernel_needing_an_unknown_symbol_is_not_loaded():
+    """A cache entry naming a symbol this process lacks is not loaded (the JIT would abort)."""
+    rt = _launch._runtime()
+    from fusednorm.cpu.kernels import _compile
+
+    fusednorm.layer_norm(randn(2, 8), (8,))
+    kernel = ln._FWD
+    key = next(iter(kernel._compiled))
+    obj, meta = _compile.compile_kernel(kernel, key, rt.symbols)
+    assert rt.load(obj, meta)
+    assert rt.load(obj, {**meta, "undefined": [*meta["undefined"], "no_such_symbol_xyz"]}) is None
+
+
+# --- plans: one per call signature -----------------------------------------------------------------
+
+
+def _same_as_torch(y, x, w, b, shape=None):
+    torch.testing.assert_close(y, F.layer_norm(x, shape or (x.shape[-1],), w, b))
+
+
+def test_plan_never_serves_another_signature():
+    n = 48
+    w, b = randn(n), randn(n)
+    x = randn(6, n)
+    _same_as_torch(fusednorm.layer_norm(x, (n,), w, b), x, w, b)  # the plan is made
+    # another shape; other strides (a slice's rows read in place, a transpose's copied)
+    for other in (randn(7, n), randn(6, 2 * n)[:, :n], randn(n, 6).t()):
+        _same_as_torch(fusednorm.layer_norm(other, (n,), w, b), other, w, b)
+    xb = x.to(torch.bfloat16)
+    y = fusednorm.layer_norm(xb, (n,), w.bfloat16(), b.bfloat16())
+    assert y.dtype == torch.bfloat16
+    # requires_grad: a gradient appears where the first call needed none
+    xg = x.clone().requires_grad_()
+    y = fusednorm.layer_norm(xg, (n,), w, b)
+    assert y.requires_grad
+    y.sum().backward()
+    assert xg.grad is not None
+    # flags: a residual and another eps change the result
+    r = randn(6, n)
+    y, h = fusednorm.layer_norm(x, (n,), w, b, residual=r)
+    torch.testing.assert_close(h, x + r)
+    _same_as_torch(y, x + r, w, b)
+    torch.testing.assert_close(fusednorm.layer_norm(x, (n,), w, b, eps=0.5),
+                               F.layer_norm(x, (n,), w, b, eps=0.5))
+    # the parameters: absent, of another dtype
+    _same_as_torch(fusednorm.layer_norm(x, (n,)), x, None, None)
+    with torch.no_grad():  # the same call without grad mode: no graph
+        assert not fusednorm.layer_norm(xg, (n,), w, b).requires_grad
+
+
+def test_errors_are_raised_after_a_plan_exists():
+    n = 32
+    x, w = randn(4, n), randn(n)
+    fusednorm.layer_norm(x, (n,), w)
+    fusednorm.rms_norm(x, (n,), w)
+    fusednorm.group_norm(randn(2, 8, 4), 4, randn(8))
+    for _ in range(2):  # a second time too: no plan was kept for the bad call
+        with pytest.raises(RuntimeError) as ours:
+            fusednorm.layer_norm(x, (n,), randn(n + 1))
+        with pytest.raises(RuntimeError) as theirs:
+            F.layer_norm(x, (n,), randn(n + 1))
+        assert str(ours.value) == str(theirs.value)
+        with pytest.raises(RuntimeError) as ours:
+            fusednorm.rms_norm(x, (n + 1,), w)
+        with pytest.raises(RuntimeError) as theirs:
+            F.rms_norm(x, (n + 1,), w)
+        assert str(ours.value) == str(theirs.value)
+        with pytest.raises(RuntimeError) as ours:
+            fusednorm.group_norm(randn(2, 8, 4), 3, randn(8))
+        with pytest.raises(RuntimeError) as theirs:
+            F.group_norm(randn(2, 8, 4), 3, randn(8))
+        assert str(ours.value) == str(theirs.value)
+
+
+def test_group_norm_plan_never_serves_another_signature():
+    w, b = randn(8), randn(8)
+    x = randn(2, 8, 3, 3)
+    torch.testing.assert_close(fusednorm.group_norm(x, 4, w, b), F.group_norm(x, 4, w, b))
+    cl = x.contiguous(memory_format=torch.channels_last)  # same shape, other strides
+    y = fusednorm.group_norm(cl, 4, w, b)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, F.group_norm(x, 4, w, b))
+    torch.testing.assert_close(fusednorm.group_norm(x, 2, w, b), F.group_norm(x, 2, w, b))
+    torch.testing.assert_close(fusednorm.group_norm(x, 4), F.group_norm(x, 4))
+    xg = x.clone().requires_grad_()
+    fusednorm.group_norm(xg, 4, w, b).sum().backward()
+    assert xg.grad is not None
