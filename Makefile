@@ -9,7 +9,9 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# the CPU kernels common calls use, compiled into the user's kernel cache (quick once cached)
 install: $(VENV)/.installed
+	$(PY) -m fusednorm warmup
 
 run: install
 	$(PY) examples/basic.py
