@@ -25,35 +25,11 @@ from helpers import (
 
 import fusednorm
 from fusednorm.batch_norms import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
+from fusednorm.reference import batch_norm_ref
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 MODULES = {1: (BatchNorm1d, torch.nn.BatchNorm1d), 2: (BatchNorm2d, torch.nn.BatchNorm2d),
            3: (BatchNorm3d, torch.nn.BatchNorm3d)}
-
-
-def batch_norm_ref(x, running_mean, running_var, weight=None, bias=None, training=False,
-                   momentum=0.1, eps=1e-5):
-    """float64 BatchNorm in plain arithmetic; returns (y, new running mean, new running var)."""
-    x = x.double()
-    c = x.shape[1]
-    shape = (1, c) + (1,) * (x.dim() - 2)
-    dims = [0] + list(range(2, x.dim()))
-    new_mean, new_var = running_mean, running_var
-    if training:
-        mean = x.mean(dims)
-        var = ((x - mean.view(shape)) ** 2).mean(dims)
-        if running_mean is not None:
-            count = x.numel() // c
-            new_mean = (1 - momentum) * running_mean.double() + momentum * mean
-            new_var = (1 - momentum) * running_var.double() + momentum * var * count / (count - 1)
-    else:
-        mean, var = running_mean.double(), running_var.double()
-    y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
-    if weight is not None:
-        y = y * weight.double().view(shape)
-    if bias is not None:
-        y = y + bias.double().view(shape)
-    return y, new_mean, new_var
 
 
 def check(x, weight=None, bias=None, backend="cpu", running=None, training=True,

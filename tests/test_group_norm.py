@@ -28,26 +28,9 @@ from helpers import (
 
 import fusednorm
 from fusednorm.group_norms import GroupNorm, InstanceNorm2d, group_norm
+from fusednorm.reference import group_norm_ref
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-
-
-def group_norm_ref(x, groups, weight=None, bias=None, eps=1e-5, activation=None):
-    """float64 GroupNorm (optionally followed by SiLU) in plain tensor arithmetic."""
-    x = x.double()
-    n, c = x.shape[:2]
-    xg = x.reshape(n, groups, -1)
-    mean = xg.mean(-1, keepdim=True)
-    var = ((xg - mean) ** 2).mean(-1, keepdim=True)
-    y = ((xg - mean) / torch.sqrt(var + eps)).reshape(x.shape)
-    shape = (1, c) + (1,) * (x.dim() - 2)
-    if weight is not None:
-        y = y * weight.double().reshape(shape)
-    if bias is not None:
-        y = y + bias.double().reshape(shape)
-    if activation == "silu":
-        y = y / (1 + torch.exp(-y))
-    return y
 
 
 def torch_group_norm(x, groups, weight, bias, eps, activation=None):

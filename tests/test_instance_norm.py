@@ -20,39 +20,12 @@ from helpers import (
 
 import fusednorm
 from fusednorm.group_norms import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, instance_norm
+from fusednorm.reference import instance_norm_ref
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 MODULES = {1: (InstanceNorm1d, torch.nn.InstanceNorm1d),
            2: (InstanceNorm2d, torch.nn.InstanceNorm2d),
            3: (InstanceNorm3d, torch.nn.InstanceNorm3d)}
-
-
-def instance_norm_ref(x, running_mean=None, running_var=None, weight=None, bias=None,
-                      use_input_stats=True, momentum=0.1, eps=1e-5):
-    """float64 InstanceNorm in plain arithmetic; returns (y, new running mean, new running var)
-    (the running statistics unchanged when not updated)."""
-    x = x.double()
-    n, c = x.shape[:2]
-    shape = (1, c) + (1,) * (x.dim() - 2)
-    xs = x.reshape(n, c, -1)
-    new_mean, new_var = running_mean, running_var
-    if use_input_stats:
-        mean = xs.mean(-1, keepdim=True)
-        var = ((xs - mean) ** 2).mean(-1, keepdim=True)
-        y = ((xs - mean) / torch.sqrt(var + eps)).reshape(x.shape)
-        if running_mean is not None:
-            s = xs.shape[-1]
-            new_mean = (1 - momentum) * running_mean.double() + momentum * mean.mean(0).view(c)
-            new_var = ((1 - momentum) * running_var.double()
-                       + momentum * (var * s / (s - 1)).mean(0).view(c))
-    else:
-        y = (x - running_mean.double().view(shape)) / torch.sqrt(
-            running_var.double().view(shape) + eps)
-    if weight is not None:
-        y = y * weight.double().view(shape)
-    if bias is not None:
-        y = y + bias.double().view(shape)
-    return y, new_mean, new_var
 
 
 def check(x, weight=None, bias=None, backend="cpu", running=None, use_input_stats=True,

@@ -7,12 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import BACKENDS, assert_close_to_ref, device_for, randn, ulps_for
-from test_batch_norm import batch_norm_ref
-from test_group_norm import group_norm_ref
-from test_instance_norm import instance_norm_ref
 
 import fusednorm
-from fusednorm.reference import add_norm_ref, default_rms_eps, layer_norm_ref, rms_norm_ref
+from fusednorm.reference import (
+    add_norm_ref,
+    batch_norm_ref,
+    default_rms_eps,
+    group_norm_ref,
+    instance_norm_ref,
+    layer_norm_ref,
+    rms_norm_ref,
+)
 
 # torch.nn.functional.rms_norm's eps=None: the machine epsilon of the type it computes in
 # (float32 for the half types), written out

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fusednorm.reference import add_norm_ref, layer_norm_ref, rms_norm_ref
+from fusednorm.reference import (
+    add_norm_ref,
+    batch_norm_ref,
+    group_norm_ref,
+    layer_norm_ref,
+    rms_norm_ref,
+)
 
 CHANNEL_OPS = ("group_norm", "group_norm_nhwc", "batch_norm", "batch_norm_nhwc")
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm") + CHANNEL_OPS
@@ -119,32 +125,12 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def group_norm_ref(x, groups, weight, bias, eps):
-    xg = x.double().reshape(x.shape[0], groups, -1)
-    mean = xg.mean(-1, keepdim=True)
-    var = ((xg - mean) ** 2).mean(-1, keepdim=True)
-    y = ((xg - mean) / torch.sqrt(var + eps)).reshape(x.shape)
-    affine = (-1,) + (1,) * (x.dim() - 2)
-    return y * weight.double().reshape(affine) + bias.double().reshape(affine)
-
-
-def batch_norm_ref(x, weight, bias, eps):
-    """Training-mode batch norm: each channel over batch and space, biased variance."""
-    dims = [0] + list(range(2, x.dim()))
-    xd = x.double()
-    mean = xd.mean(dims, keepdim=True)
-    var = ((xd - mean) ** 2).mean(dims, keepdim=True)
-    affine = (-1,) + (1,) * (x.dim() - 2)
-    return ((xd - mean) / torch.sqrt(var + eps) * weight.double().reshape(affine)
-            + bias.double().reshape(affine))
-
-
 def reference(op: str, x, w, b, r) -> tuple[torch.Tensor, ...]:
     """float64 outputs of the op: (y,) or (y, h)."""
     if op.startswith("group_norm"):
         return (group_norm_ref(x, GROUPS, w, b, EPS),)
     if op.startswith("batch_norm"):
-        return (batch_norm_ref(x, w, b, EPS),)
+        return (batch_norm_ref(x, None, None, w, b, training=True, eps=EPS)[0],)
     if "rms" in op:
         norm, kw = rms_norm_ref, {"weight": w, "eps": RMS_EPS}
     else:
