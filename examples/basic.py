@@ -1,4 +1,4 @@
-"""The reference page's first example: LayerNorm over the features of a (4, 10) batch."""
+"""The simplest use: LayerNorm over the features of a (4, 10) batch."""
 
 import torch
 

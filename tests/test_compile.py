@@ -75,10 +75,16 @@ def test_compiled_dropout_has_no_graph_break():
     torch._dynamo.reset()
 
     def f(x, r):
-        return fusednorm.layer_norm(x, (16,), residual=r, dropout_p=0.5)
+        # and without a residual y alone, as in eager mode
+        return (fusednorm.layer_norm(x, (16,), residual=r, dropout_p=0.5),
+                fusednorm.layer_norm(x, (16,), dropout_p=0.5))
 
     x, r = randn(8, 16), randn(8, 16)
-    y, h = torch.compile(f, fullgraph=True, backend="aot_eager")(x, r)
+    torch.manual_seed(2)
+    (y, h), y_alone = torch.compile(f, fullgraph=True, backend="aot_eager")(x, r)
     kept = (h - r).abs() > 1e-6
     assert 0 < kept.float().mean() < 1
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(h, (16,)))
+    assert type(y_alone) is torch.Tensor
+    torch.manual_seed(2)
+    torch.testing.assert_close(y_alone, f(x, r)[1])  # the same seeds drawn, the same masks

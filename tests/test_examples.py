@@ -1,4 +1,4 @@
-"""The seed's four examples run and match torch.nn.LayerNorm (each asserts it inside)."""
+"""The four scripts in examples/ run and match torch.nn.LayerNorm (each asserts it inside)."""
 
 import pathlib
 import runpy

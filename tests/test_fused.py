@@ -182,6 +182,38 @@ def test_fp32_residual_stream_float32_output_and_llama_cast_order(backend, norm)
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_dropout_without_residual(backend, norm):
+    """No residual: y = norm(dropout(x)) is the whole result (h = dropout(x) is not returned),
+    its gradients flowing through the same mask."""
+    dev = device_for(backend)
+    m, n, p = 37, 200, 0.25
+    x = randn(m, n, device=dev)
+    w, b = randn(n, device=dev), randn(n, device=dev) if norm == "layer" else None
+    dy = randn(m, n, device=dev)
+    mask = keep_mask(backend, 3, m, n, p, dev)
+    fused, ref_norm = NORMS[norm]
+    results = []
+    for who in ("ours", "torch", "ref"):
+        leaves = [t.detach().clone() for t in (x, w, b) if t is not None]
+        leaves = [(t.double() if who == "ref" else t).requires_grad_() for t in leaves]
+        xl, wl, bl = leaves + [None] * (3 - len(leaves))
+        kw = {"weight": wl, "eps": EPS} | ({"bias": bl} if norm == "layer" else {})
+        if who == "ours":
+            torch.manual_seed(3)
+            with fusednorm.use_backend(backend):
+                y = fused(xl, (n,), **kw, dropout_p=p)
+        elif who == "torch":
+            y = (F.layer_norm if norm == "layer" else F.rms_norm)(xl * mask / (1 - p), (n,), **kw)
+        else:
+            y, _ = add_norm_ref(xl, None, mask, p, ref_norm, normalized_shape=(n,), **kw)
+        y.backward(dy.to(y.dtype))
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for name, a, t, rf in zip(["y", "dx", "dweight", "dbias"], *results):
+        assert_close_to_ref(a, t, rf, what=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 @pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8), (3, 0)], ids=str)
 def test_zero_elements_with_residual_and_dropout(backend, shape):
     dev = device_for(backend)

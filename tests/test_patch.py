@@ -257,3 +257,12 @@ def test_shared_modules_hooks_and_training_flag_carry_over():
     assert seen == [fusednorm.LayerNorm]
     unpatch(model)
     assert model["a"] is ln and model["b"][0] is ln
+
+
+@pytest.mark.parametrize("fn", [fusednorm.patch, fusednorm.unpatch], ids=["patch", "unpatch"])
+@pytest.mark.parametrize("not_a_model", [42, nn.LayerNorm, [nn.LayerNorm(8)]],
+                         ids=["int", "a class", "a list"])
+def test_anything_but_a_module_is_a_type_error(fn, not_a_model):
+    with pytest.raises(TypeError, match=rf"^fusednorm.{fn.__name__}\(model\) takes a "
+                                        r"torch.nn.Module .*, got "):
+        fn(not_a_model)

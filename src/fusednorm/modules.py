@@ -50,7 +50,8 @@ class LayerNorm(_FusedOptions, torch.nn.LayerNorm):
     """``torch.nn.LayerNorm`` on fusednorm's kernels.
 
     ``forward(x, residual=None)``: with a residual returns ``(y, h)``, h = residual +
-    dropout(x) and y = LayerNorm(h) in one pass (dropout only in training).
+    dropout(x) and y = LayerNorm(h) in one pass; without one, y = LayerNorm(dropout(x)) alone.
+    The same in training and eval (dropout only in training).
     """
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
@@ -63,7 +64,8 @@ class LayerNorm(_FusedOptions, torch.nn.LayerNorm):
             self.reset_parameters()
 
 
-    def forward(self, input: Tensor, residual: Tensor | None = None):
+    def forward(self, input: Tensor, residual: Tensor | None = None
+                ) -> Tensor | tuple[Tensor, Tensor]:
         if residual is None and not self.dropout_p and not self.zero_centered_weight \
                 and not self.memory_efficient:
             return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -87,7 +89,8 @@ class RMSNorm(_FusedOptions, torch.nn.RMSNorm):
             self.reset_parameters()
 
 
-    def forward(self, input: Tensor, residual: Tensor | None = None):
+    def forward(self, input: Tensor, residual: Tensor | None = None
+                ) -> Tensor | tuple[Tensor, Tensor]:
         if residual is None and not self.dropout_p and not self.zero_centered_weight \
                 and not self.memory_efficient:
             return rms_norm(input, self.normalized_shape, self.weight, self.eps)

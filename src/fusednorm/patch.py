@@ -215,6 +215,7 @@ def patch(model: nn.Module) -> PatchReport:
     objects, state_dict keys and numerics. Returns what was replaced and the norm-like modules
     left alone; raises NotImplementedError, before changing anything, for a recognised norm it
     cannot reproduce. ``unpatch(model)`` restores the original modules."""
+    _expect_module("patch", model, "the model whose norms it replaces in place")
     report, plan, new_of = PatchReport(), [], {}
     for path, parent in model.named_modules():
         for name, child in parent._modules.items():
@@ -238,6 +239,7 @@ def patch(model: nn.Module) -> PatchReport:
 def unpatch(model: nn.Module) -> dict[str, str]:
     """Put back the modules that patch() replaced (with the replacements' current parameters);
     returns module path -> class name of what was restored."""
+    _expect_module("unpatch", model, "a model that fusednorm.patch changed")
     restored = {}
     for path, parent in list(model.named_modules()):
         for name, child in list(parent._modules.items()):
@@ -251,6 +253,14 @@ def unpatch(model: nn.Module) -> dict[str, str]:
             setattr(parent, name, original)
             restored[f"{path}.{name}" if path else name] = type(original).__name__
     return restored
+
+
+def _expect_module(name: str, model, what_it_is: str) -> None:
+    if not isinstance(model, nn.Module):
+        got = (f"the class {model.__name__} (an instance is needed)" if isinstance(model, type)
+               else type(model).__name__)
+        raise TypeError(f"fusednorm.{name}(model) takes a torch.nn.Module ({what_it_is}), "
+                        f"got {got}")
 
 
 def _replacement(module: nn.Module, where: str) -> nn.Module | None:

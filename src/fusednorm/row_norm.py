@@ -162,7 +162,7 @@ def _composite_call(x, residual, weight, bias, eps, dropout_p, residual_dtype, o
         bias.reshape(n) if bias is not None else None,
         eps, is_rms, zero_centered, out_dtype, xhat_dtype,
     ).view(x.shape)
-    return (y, h) if fused else y
+    return (y, h) if residual is not None else y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,9 +336,10 @@ class _ContractBackward:
 
 
 class _RowNorm(torch.autograd.Function):
-    """Returns y, or (y, h) when the plan fuses a residual or dropout. Inputs are taken in
-    their own shapes; row views are the kernels' business (an `as_strided` view taken outside
-    would give an expanded input, row stride 0, every row's gradient summed into each row)."""
+    """Returns y, or (y, h) when a residual is passed; with dropout alone h = dropout(x) is
+    not returned. Inputs are taken in their own shapes; row views are the kernels' business (an
+    `as_strided` view taken outside would give an expanded input, row stride 0, every row's
+    gradient summed into each row)."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, plan, seed):
@@ -348,7 +349,7 @@ class _RowNorm(torch.autograd.Function):
         ctx.save_for_backward(saved, weight, bias, stats)
         ctx.plan, ctx.seed = plan, seed
         ctx.set_materialize_grads(False)
-        return y if h is None else (y, h)
+        return (y, h) if plan.has_residual else y
 
     @staticmethod
     def backward(ctx, dy, dh_out=None):
@@ -528,7 +529,7 @@ def _run(plan: _Plan, x, residual, weight, bias):
     if plan.needs_grad:
         return _RowNorm.apply(x, residual, weight, bias, plan, seed)
     y, h, _ = plan.forward(*plan.rows(x, residual), weight, bias, seed)
-    return y if h is None else (y, h)
+    return (y, h) if plan.has_residual else y
 
 
 def _run_plain(plan: _Plan, x, residual, weight, bias):
@@ -558,7 +559,7 @@ def _traced(x, normalized_shape, weight, bias, eps, residual, dropout_p, residua
                              plan.zero_centered, plan.dropout_p, seed, plan.out_dtype,
                              plan.residual_dtype, plan.xhat_dtype, plan.backend)
     y = y.view(x.shape)
-    return (y, h.view(x.shape)) if plan.fused else y
+    return (y, h.view(x.shape)) if plan.has_residual else y
 
 
 class _TracedRowNorm(torch.autograd.Function):
@@ -619,8 +620,9 @@ def layer_norm(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``torch.nn.functional.layer_norm`` on fusednorm's kernels.
 
-    With ``residual`` (or ``dropout_p > 0``) returns ``(y, h)`` where
-    ``h = residual + dropout(input)`` and ``y = layer_norm(h)``, computed in one pass.
+    Returns ``(y, h)`` exactly when ``residual`` is passed: ``h = residual + dropout(input)``
+    and ``y = layer_norm(h)``, computed in one pass. Without it returns
+    ``y = layer_norm(dropout(input))`` alone, whatever ``dropout_p`` and the grad mode.
     ``residual_in_fp32`` keeps h in float32; ``out_dtype`` sets y's dtype;
     ``zero_centered_weight`` uses ``1 + weight`` (Gemma); ``memory_efficient`` keeps the output
     instead of the input for backward (exact where no weight element is 0); ``xhat_dtype``
