@@ -29,9 +29,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 EPS, RMS_EPS = 1e-5, 1e-6
 GROUPS = 32
 
-# Issue 2's headline shapes, measured in every run (quick included).
+# The headline shapes, measured in every run (quick included).
 HEADLINE = ((4096, 4096), (32768, 768), (8192, 1024))
-# A tiny call measures eager per-call overhead (issue 4); a channel norm's is 1x32x1x2, same
+# A tiny call measures eager per-call overhead; a channel norm's is 1x32x1x2, same
 # numel.
 TINY = dict.fromkeys(CHANNEL_OPS, (32, 2))
 TINY_ROWS = (1, 64)

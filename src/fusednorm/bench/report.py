@@ -157,7 +157,7 @@ def plots(rows: list[dict], meta: dict, out: Path) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install fusednorm[bench]): no plots",
+        print('matplotlib is not installed (pip install ".[bench]" in the checkout): no plots',
               file=sys.stderr)
         return []
     groups = defaultdict(list)
