@@ -24,6 +24,7 @@ from helpers import (
     reference_keep_mask,
 )
 
+from fusednorm.cpu import _launch
 from fusednorm.cpu import layer_norm as ln
 from fusednorm.cpu.kernels import _dtypes
 from fusednorm.cpu.layer_norm import dropout_keep_mask, norm_bwd, norm_fwd
@@ -532,7 +533,7 @@ def test_small_calls_run_serially_with_the_same_bits(monkeypatch):
     m, n = 40, 300
     x, r, w, b, dy = (randn(m, n), randn(m, n), randn(n), randn(n), randn(m, n))
     serial = ours(x, w, b, rms=False, residual=r, p=0.1, seed=3, dy=dy)
-    monkeypatch.setattr(ln, "PARALLEL_GRAIN", 0)
+    monkeypatch.setattr(_launch, "PARALLEL_GRAIN", 0)
     monkeypatch.setattr(ln, "_PLANS", {})
     threads = []
     launch = type(ln._FWD[next(iter(ln._FWD._compiled))])

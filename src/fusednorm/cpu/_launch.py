@@ -147,12 +147,17 @@ def scratch(nbytes: int) -> torch.Tensor:
     return buf
 
 
-def workers(elements: int, tasks: int) -> int:
-    """Threads for a call over `elements` elements split into at most `tasks` tasks:
-    torch's thread count (`torch.set_num_threads` governs both libraries), 1 below the grain."""
-    if elements < PARALLEL_GRAIN or tasks <= 1:
-        return 1
-    return max(1, min(tasks, torch.get_num_threads()))
+def thread_cap(elements: int, tasks: int) -> int:
+    """The most threads worth waking for a call over `elements` elements split into `tasks`
+    tasks: 1 (the calling thread) below the grain. Only the speed depends on it: every split
+    that orders a sum depends on the shape alone."""
+    return 1 if elements < PARALLEL_GRAIN else max(1, tasks)
+
+
+def threads(cap: int) -> int:
+    """The threads of a call now: torch's count (`torch.set_num_threads` governs both
+    libraries), at most `cap`."""
+    return 1 if cap == 1 else min(cap, torch.get_num_threads())
 
 
 # --- the cache and the loader ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ from fusednorm.cpu._channels import (
     itemsize,
     kept,
 )
-from fusednorm.cpu._launch import PARALLEL_GRAIN, STORAGE, Kernel, Layout, compute_dtype
+from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, thread_cap, threads
 
 CHUNKS = 16  # channels first: chunks of samples whose statistics are merged in order
 SPAN = 16  # channels last: blocks per statistics piece (all N·S rows' pieces merged in order)
@@ -84,7 +84,7 @@ class BatchNormPlan:
         self.size = itemsize(ct)
         self.rows = cl_rows(c_)
         self.half = x_dtype == torch.float16
-        self.cap = 1 if n_ * c_ * s_ < PARALLEL_GRAIN else max(n_ * c_, n_ * s_)
+        self.cap = thread_cap(n_ * c_ * s_, max(n_ * c_, n_ * s_))
         key = (STORAGE[ct], STORAGE[x_dtype])
         if channels_last:
             self._fwd, self._bwd = _CL_FWD[key], _CL_BWD[key]
@@ -92,7 +92,7 @@ class BatchNormPlan:
             self._fwd, self._bwd = _CF_FWD[key], _CF_BWD[key + (STORAGE[x_dtype],)]
 
     def _threads(self) -> int:
-        return 1 if self.cap == 1 else min(self.cap, torch.get_num_threads())
+        return threads(self.cap)
 
     def _call(self, kernel, layout: Layout, pointers: list, training: bool,
               backward: bool) -> None:

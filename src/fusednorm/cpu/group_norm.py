@@ -25,7 +25,7 @@ from fusednorm.cpu._channels import (
     itemsize,
     kept,
 )
-from fusednorm.cpu._launch import PARALLEL_GRAIN, STORAGE, Kernel, Layout, compute_dtype
+from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, thread_cap, threads
 
 _SHAPE = ("n", "c", "s", "groups", "local_bytes")
 _CALL = ("x", "weight", "bias", "y", "mean", "var", "consts", "scratch", "local")
@@ -87,9 +87,8 @@ class GroupNormPlan:
         self.silu = silu
         work = n_ * c_ * s_
         # threads worth waking: 1 below the grain (only the speed depends on it)
-        self.cap = 1 if work < PARALLEL_GRAIN else (
-            max(n_, n_ * ((s_ + self.rows - 1) // self.rows)) if channels_last
-            else n_ * groups)
+        self.cap = thread_cap(work, n_ * ((s_ + self.rows - 1) // self.rows) if channels_last
+                              else n_ * groups)
         key = (STORAGE[ct], STORAGE[x_dtype])
         if channels_last:
             self._fwd, self._bwd = _CL_FWD[key], _CL_BWD[key]
@@ -97,7 +96,7 @@ class GroupNormPlan:
             self._fwd, self._bwd = _CF_FWD[key], _CF_BWD[key + (STORAGE[x_dtype],)]
 
     def _threads(self) -> int:
-        return 1 if self.cap == 1 else min(self.cap, torch.get_num_threads())
+        return threads(self.cap)
 
     def _scratch(self, backward: bool, threads: int) -> tuple[Scratch, dict]:
         """The scratch and the fixed arguments of a call on `threads` threads."""

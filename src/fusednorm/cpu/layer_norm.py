@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 
 from fusednorm.cpu._launch import (
-    PARALLEL_GRAIN,
     STORAGE,
     Kernel,
     Layout,
     compute_dtype,
     scratch,
+    thread_cap,
 )
+from fusednorm.cpu._launch import threads as threads_for
 
 # Argument blocks (see `_launch.Layout`); absent tensors have address 0.
 FWD_ARGS = Layout(
@@ -64,12 +65,6 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _threads_cap(m: int, n: int) -> int:
-    """The most threads worth waking for m rows of n: 1 below the grain (only the speed
-    depends on it: a row's result is the same either way)."""
-    return 1 if m * n < PARALLEL_GRAIN else m
-
-
 class ForwardPlan:
     """The forward of m rows of n: x with row stride sx (inner stride 1), residual with row
     stride sr; y (and h) new, of shape `out_shape`; the statistics when `stats`.
@@ -93,7 +88,7 @@ class ForwardPlan:
         self.tail = FWD_ARGS.fixed(
             m=m, n=n, sx=sx, sr=sr, is_rms=is_rms, zero_centered=zero_centered, stats=stats,
             eps=eps, p=dropout_p, scale=1.0 / (1.0 - dropout_p))
-        self.cap = _threads_cap(m, n)
+        self.cap = thread_cap(m * n, m)
         # mean then rstd in one tensor (rstd alone for RMSNorm): one allocation, one save; made
         # `empty_like` a template (a dtype keyword makes torch.empty twice as slow)
         self.stats_len = (m if is_rms else 2 * m) if stats else 0
@@ -121,7 +116,7 @@ class ForwardPlan:
         if self.stats_len:
             stats = torch.empty_like(self.stats_like)
             stats_ptr = stats.data_ptr()
-        threads = 1 if self.cap == 1 else min(self.cap, torch.get_num_threads())
+        threads = threads_for(self.cap)
         # (held in a local until the call returns: a scratch tensor may be this call's own)
         scr = scratch(threads * self.scratch_bytes) if self.scratch_bytes else None
         seed_lo, seed_hi = _seed_words(seed) if seed else (0, 0)
@@ -165,7 +160,7 @@ class BackwardPlan:
             m=m, n=n, sdy=sdy, ssaved=ssaved, sdh=sdh, is_rms=is_rms,
             zero_centered=zero_centered, acc=self.acc, nblocks=nb,
             from_output=from_output, p=dropout_p, scale=1.0 / (1.0 - dropout_p))
-        self.cap = min(nb, _threads_cap(m, n))
+        self.cap = thread_cap(m * n, nb)
         size = 8 if ct == torch.float64 else 4
         self.rstd_offset = 0 if is_rms else m * size
         self.scratch_bytes = SCRATCH_ROWS * n * size
@@ -187,7 +182,7 @@ class BackwardPlan:
         if self.acc:
             dw = torch.empty_like(self.grad_like)
             db = torch.empty_like(self.grad_like) if self.acc == 2 else None
-        threads = 1 if self.cap == 1 else min(self.cap, torch.get_num_threads())
+        threads = threads_for(self.cap)
         rows = threads * self.scratch_bytes
         scr = scratch(rows + self.parts_bytes)  # (held until the kernel returns)
         seed_lo, seed_hi = _seed_words(seed) if seed else (0, 0)
@@ -301,7 +296,7 @@ def dropout_keep_mask(seed: int, M: int, N: int, p: float, device="cpu") -> torc
     out = torch.empty((M, N), dtype=torch.bool)
     if M * N:
         seed_lo, seed_hi = _seed_words(seed)
-        threads = 1 if M * N < PARALLEL_GRAIN else min(M, torch.get_num_threads())
+        threads = threads_for(thread_cap(M * N, M))
         _MASK[()](MASK_ARGS.pack_call(out.data_ptr(), seed_lo, seed_hi)
                   + MASK_ARGS.fixed(m=M, n=N, p=float(p)), threads)
     return out.to(device)
