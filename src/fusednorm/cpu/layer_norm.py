@@ -25,14 +25,14 @@ from fusednorm.cpu._launch import threads as threads_for
 FWD_ARGS = Layout(
     per_call=("x", "residual", "weight", "bias", "y", "h", "mean", "rstd", "scratch", "seed_lo",
               "seed_hi"),
-    fixed=("m", "n", "sx", "sr", "is_rms", "zero_centered", "stats"),
+    fixed=("m", "n", "sx", "sr", "is_rms", "zero_centered", "stats", "has_weight", "has_bias"),
     floats=("eps", "p", "scale"),
 )
 BWD_ARGS = Layout(
     per_call=("dy", "saved", "weight", "bias", "mean", "rstd", "dh_out", "dx", "dresidual",
               "parts", "dweight", "dbias", "scratch", "seed_lo", "seed_hi"),
     fixed=("m", "n", "sdy", "ssaved", "sdh", "is_rms", "zero_centered", "acc", "nblocks",
-           "from_output"),
+           "from_output", "has_weight", "has_bias"),
     floats=("p", "scale"),
 )
 MASK_ARGS = Layout(per_call=("out", "seed_lo", "seed_hi"), fixed=("m", "n"), floats=("p",))
@@ -82,12 +82,14 @@ class ForwardPlan:
         self.out_dtype, self.h_dtype, self.out_shape = out_dtype, h_dtype, out_shape
         if xhat_dtype == ct:
             xhat_dtype = None  # rounding to the compute type is no rounding
-        self.launch = _FWD[tuple(_storage(t) for t in (ct, x_dtype, r_dtype, w_dtype, b_dtype,
-                                                      out_dtype, h_dtype, xhat_dtype))
-                           + ("1" if dropout_p > 0 else "",)]
+        # (the weight and the bias, when both present, have one dtype: the checks see to it;
+        # absent, they are taken as of the compute dtype)
+        self.launch = _FWD[tuple(_storage(t) for t in (ct, x_dtype, r_dtype, w_dtype or b_dtype or ct,
+                                                      out_dtype, h_dtype, xhat_dtype))]
         self.tail = FWD_ARGS.fixed(
             m=m, n=n, sx=sx, sr=sr, is_rms=is_rms, zero_centered=zero_centered, stats=stats,
-            eps=eps, p=dropout_p, scale=1.0 / (1.0 - dropout_p))
+            has_weight=w_dtype is not None, has_bias=b_dtype is not None, eps=eps, p=dropout_p,
+            scale=1.0 / (1.0 - dropout_p))
         self.cap = thread_cap(m * n, m)
         # mean then rstd in one tensor (rstd alone for RMSNorm): one allocation, one save; made
         # `empty_like` a template (a dtype keyword makes torch.empty twice as slow)
@@ -148,7 +150,7 @@ class BackwardPlan:
         self.x_dtype, self.dres_dtype, self.need_dw, self.need_db = (
             x_dtype, dres_dtype, need_dw, need_db)
         self.launch = _BWD[tuple(_storage(t) for t in (
-            ct, dy_dtype, saved_dtype, w_dtype, b_dtype, dh_dtype, x_dtype, dres_dtype))
+            ct, dy_dtype, saved_dtype, w_dtype or b_dtype or ct, dh_dtype, x_dtype, dres_dtype))
                            + ("1" if dropout_p > 0 else "",)]
         # acc: 0 no weight gradients, 1 dweight, 2 dweight and dbias (a bias without a weight
         # gets a scratch dweight: rare enough not to deserve its own loop)
@@ -158,8 +160,9 @@ class BackwardPlan:
         self.nblocks = nb = min(m, _MAX_BLOCKS, max(8, _PARTIAL_ELEMENTS // max(n, 1)))
         self.tail = BWD_ARGS.fixed(
             m=m, n=n, sdy=sdy, ssaved=ssaved, sdh=sdh, is_rms=is_rms,
-            zero_centered=zero_centered, acc=self.acc, nblocks=nb,
-            from_output=from_output, p=dropout_p, scale=1.0 / (1.0 - dropout_p))
+            zero_centered=zero_centered, acc=self.acc, nblocks=nb, from_output=from_output,
+            has_weight=w_dtype is not None, has_bias=b_dtype is not None, p=dropout_p,
+            scale=1.0 / (1.0 - dropout_p))
         self.cap = thread_cap(m * n, nb)
         size = 8 if ct == torch.float64 else 4
         self.rstd_offset = 0 if is_rms else m * size

@@ -20,7 +20,7 @@ How the work is laid out, and why:
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
+from numba import njit
 from numba.extending import overload
 
 from fusednorm.cpu.kernels._compile import cfunc
@@ -184,38 +184,31 @@ def _row_stats(a, n, eps, is_rms, s):
     return mu + sd * inv_n, one / np.sqrt(var + eps)
 
 
-def _param_row(p, zc, fill, n, out):
-    """The parameter row in the compute type: p itself when stored so and not zero-centred,
-    else converted into out (1 + p when zc; `fill` when p is absent)."""
+def _param_row(p, present, zc, fill, n, out):
+    """The parameter row in the compute type: p itself when stored so (and not zero-centred),
+    else converted into out (1 + p when zc); `fill` when the parameter is absent (`present`
+    false: one kernel serves both, so absent parameters cost no specialization)."""
     raise NotImplementedError  # only callable from numba code
 
 
 @overload(_param_row, jit_options={"fastmath": _FMA, **OPTS})
-def _param_row_impl(p, zc, fill, n, out):
-    if isinstance(p, types.NoneType):
-
-        def absent(p, zc, fill, n, out):
-            for j in range(n):
-                out[j] = fill
-            return out
-
-        return absent
+def _param_row_impl(p, present, zc, fill, n, out):
     if p.dtype == out.dtype:
 
-        def native(p, zc, fill, n, out):
-            if not zc:
+        def native(p, present, zc, fill, n, out):
+            if present and not zc:
                 return p
             one = out.dtype.type(1)
             for j in range(n):
-                out[j] = p[j] + one
+                out[j] = (p[j] + one if zc else p[j]) if present else fill
             return out
 
         return native
 
-    def convert(p, zc, fill, n, out):
+    def convert(p, present, zc, fill, n, out):
         one = out.dtype.type(1)
         for j in range(n):
-            out[j] = load(p, j) + one if zc else load(p, j)
+            out[j] = (load(p, j) + one if zc else load(p, j)) if present else fill
         return out
 
     return convert
@@ -228,8 +221,8 @@ def _param_row_impl(p, zc, fill, n, out):
 def _fwd_rows(x, sx, r, sr, y, h, mean, rstd, stats, weff, beff, buf, tmp, lo, hi, n, eps,
               is_rms, dropout, xhat):
     """Rows lo..hi-1 of the forward. None, and left out of the compiled code: h when the
-    norm's input is x itself; r without a residual; dropout (else (p, scale, seed words));
-    xhat (else a scalar of the type x̂ is rounded to)."""
+    norm's input is x itself; r without a residual; xhat (else a scalar of the type x̂ is
+    rounded to). dropout: (p, scale, seed words), applied when p > 0."""
     zero = buf.dtype.type(0)
     for i in range(lo, hi):
         if h is None:  # x in place, or converted with its first sum taken in the same pass
@@ -239,7 +232,7 @@ def _fwd_rows(x, sx, r, sr, y, h, mean, rstd, stats, weff, beff, buf, tmp, lo, h
             xr = x[i * sx:i * sx + n]
             for j in range(n):
                 buf[j] = load(xr, j)
-            if dropout is not None:
+            if dropout[0] > 0:
                 _dropout_row(buf, n, i * n, dropout, zero)
             if r is not None:
                 rr = r[i * sr:i * sr + n]
@@ -264,26 +257,27 @@ def _fwd_rows(x, sx, r, sr, y, h, mean, rstd, stats, weff, beff, buf, tmp, lo, h
                 store(yr, j, a.dtype.type(round_to((a[j] - mu) * rs, xhat)) * weff[j] + beff[j])
 
 
-def build_fwd(compute, x, r, w, b, y, h, xhat, dropout):
-    """The forward kernel for these storage types ("" for an absent tensor; xhat: the type
-    x̂ is rounded to, "" for none); dropout: "1" when the kernel draws a dropout mask."""
-    ct, xt, rt, wt, bt, yt, ht, xhatt = (storage_type(s) for s in (compute, x, r, w, b, y, h, xhat))
+def build_fwd(compute, x, r, params, y, h, xhat):
+    """The forward kernel for these storage types ("" for an absent tensor; params: the
+    weight's and bias's, whichever are present; xhat: the type x̂ is rounded to, "" for none)."""
+    ct, xt, rt, yt, ht, xhatt = (storage_type(s) for s in (compute, x, r, y, h, xhat))
+    pt = storage_type(params or compute)
     xhat_like = None if xhatt is None else xhatt(0)
-    with_dropout = bool(dropout)
     csize = np.dtype(ct).itemsize
     size, eps_, p_, scale_ = len(FWD), *FWD.slots("eps", "p", "scale")
     x_, r_, w_, b_, y_, h_, mean_, rstd_, scr_ = FWD.slots(
         "x", "residual", "weight", "bias", "y", "h", "mean", "rstd", "scratch")
-    m_, n_, sx_, sr_, rms_, zc_, st_, lo_, hi_ = FWD.slots(
-        "m", "n", "sx", "sr", "is_rms", "zero_centered", "stats", "seed_lo", "seed_hi")
+    m_, n_, sx_, sr_, rms_, zc_, st_, lo_, hi_, hw_, hb_ = FWD.slots(
+        "m", "n", "sx", "sr", "is_rms", "zero_centered", "stats", "seed_lo", "seed_hi",
+        "has_weight", "has_bias")
 
     def entry(block):
         a, f = ints(block, size), floats(block, size)
         m, n, sx, sr = a[m_], a[n_], a[sx_], a[sr_]
         scratch = at(a[scr_] + thread_id() * SCRATCH_ROWS * n * csize, SCRATCH_ROWS * n, ct)
-        weff = _param_row(at(a[w_], n, wt), a[zc_] != 0, ct(1), n, scratch[:n])
-        beff = _param_row(at(a[b_], n, bt), False, ct(0), n, scratch[n:2 * n])
-        drop = (np.float32(f[p_]), ct(f[scale_]), a[lo_], a[hi_]) if with_dropout else None
+        weff = _param_row(at(a[w_], n, pt), a[hw_] != 0, a[zc_] != 0, ct(1), n, scratch[:n])
+        beff = _param_row(at(a[b_], n, pt), a[hb_] != 0, False, ct(0), n, scratch[n:2 * n])
+        drop = (np.float32(f[p_]), ct(f[scale_]), a[lo_], a[hi_])
         lo, hi = my_share(m)
         _fwd_rows(at(a[x_], (m - 1) * sx + n, xt), sx, at(a[r_], (m - 1) * sr + n, rt), sr,
                   at(a[y_], m * n, yt), at(a[h_], m * n, ht), at(a[mean_], m, ct),
@@ -382,20 +376,21 @@ def _sum_blocks(parts, nb, n, lo, hi, out):
             o[j] += part[j]
 
 
-def build_bwd(compute, dy, hs, w, b, dho, dx, dr, dropout):
-    """The backward kernel for these storage types ("" for an absent tensor); dropout: "1"
-    when the forward drew a dropout mask."""
-    ct, dyt, hst, wt, bt, dhot, dxt, drt = (
-        storage_type(s) for s in (compute, dy, hs, w, b, dho, dx, dr))
+def build_bwd(compute, dy, hs, params, dho, dx, dr, dropout):
+    """The backward kernel for these storage types ("" for an absent tensor; params: the
+    weight's and bias's, whichever are present); dropout: "1" when the forward drew a dropout
+    mask."""
+    ct, dyt, hst, dhot, dxt, drt = (storage_type(s) for s in (compute, dy, hs, dho, dx, dr))
+    pt = storage_type(params or compute)
     with_dropout = bool(dropout)
     csize = np.dtype(ct).itemsize
     size, p_, scale_ = len(BWD), *BWD.slots("p", "scale")
     dy_, hs_, w_, b_, mean_, rstd_, dho_, dx_, dr_, parts_, dw_, db_, scr_ = BWD.slots(
         "dy", "saved", "weight", "bias", "mean", "rstd", "dh_out", "dx", "dresidual", "parts",
         "dweight", "dbias", "scratch")
-    m_, n_, sdy_, shs_, sdho_, rms_, zc_, acc_, nb_, fo_, lo_, hi_ = BWD.slots(
+    m_, n_, sdy_, shs_, sdho_, rms_, zc_, acc_, nb_, fo_, lo_, hi_, hw_, hb_ = BWD.slots(
         "m", "n", "sdy", "ssaved", "sdh", "is_rms", "zero_centered", "acc", "nblocks",
-        "from_output", "seed_lo", "seed_hi")
+        "from_output", "seed_lo", "seed_hi", "has_weight", "has_bias")
 
     def entry(block):
         a, f = ints(block, size), floats(block, size)
@@ -403,8 +398,8 @@ def build_bwd(compute, dy, hs, w, b, dho, dx, dr, dropout):
         sdy, shs, sdho = a[sdy_], a[shs_], a[sdho_]
         parts = at(a[parts_], 2 * nb * n, ct)  # dweight's partial rows, then dbias's
         scratch = at(a[scr_] + thread_id() * SCRATCH_ROWS * n * csize, SCRATCH_ROWS * n, ct)
-        weff = _param_row(at(a[w_], n, wt), a[zc_] != 0, ct(1), n, scratch[:n])
-        beff = _param_row(at(a[b_], n, bt), False, ct(0), n, scratch[n:2 * n])
+        weff = _param_row(at(a[w_], n, pt), a[hw_] != 0, a[zc_] != 0, ct(1), n, scratch[:n])
+        beff = _param_row(at(a[b_], n, pt), a[hb_] != 0, False, ct(0), n, scratch[n:2 * n])
         drop = (np.float32(f[p_]), ct(f[scale_]), a[lo_], a[hi_]) if with_dropout else None
         per = (m + nb - 1) // nb
         lo, hi = my_share(nb)
