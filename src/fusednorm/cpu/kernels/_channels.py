@@ -105,6 +105,8 @@ def deviations(a, s, cp):
         sd += d
         ss += d * d
     sd64, n64 = np.float64(sd), np.float64(a.size)
+    if not np.isfinite(mu):  # an inf (or NaN) in the block: the mean is the sum's, as torch's
+        return np.float64(mu), np.float64(np.nan)
     return np.float64(mu) + sd64 / n64, np.float64(ss) - sd64 * sd64 / n64
 
 
@@ -117,6 +119,8 @@ def chan(mean, m2, cnt, bmean, bm2, bcnt):
     tot = cnt + bcnt
     if tot == 0:
         return mean, m2, tot
+    if not (np.isfinite(mean) and np.isfinite(bmean)):  # inf - inf must not make the mean NaN
+        return (mean * cnt + bmean * bcnt) / tot, np.float64(np.nan), tot
     f = np.float64(bcnt) / np.float64(tot)
     d = np.float64(bmean) - mean
     return mean + d * f, m2 + np.float64(bm2) + d * d * np.float64(cnt) * f, tot

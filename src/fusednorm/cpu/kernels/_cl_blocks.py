@@ -104,6 +104,8 @@ def cl_block_moments(x, o, nr, c_, groups, cp, scr, pmean, pm2):
             sd = np.float64(acc[c])
             pmean[c] = np.float64(cm[c]) + sd * inv
             pm2[c] = np.float64(ss[c]) - sd * sd * inv
+            if not np.isfinite(cm[c]):  # an inf (or NaN): the mean is the sum's, as torch's
+                pmean[c], pm2[c] = np.float64(cm[c]), np.nan
         return
     for g in range(groups):  # the group's sums in the compute type, as within the block
         a, q = acc[g * cg:(g + 1) * cg], ss[g * cg:(g + 1) * cg]
@@ -114,6 +116,8 @@ def cl_block_moments(x, o, nr, c_, groups, cp, scr, pmean, pm2):
         sd = np.float64(t)
         pmean[g] = np.float64(cm[g * cg]) + sd * inv
         pm2[g] = np.float64(u) - sd * sd * inv
+        if not np.isfinite(cm[g * cg]):
+            pmean[g], pm2[g] = np.float64(cm[g * cg]), np.nan
 
 
 @njit(fastmath=_FMA, **OPTS)
@@ -180,9 +184,13 @@ def chan_row(mu, m2, cnt, bmean, bm2, k):
     f = np.float64(k) / np.float64(cnt + k)
     fc = np.float64(cnt) * f
     for c in range(mu.size):
-        d = bmean[c] - mu[c]
-        mu[c] += d * f
-        m2[c] += bm2[c] + d * d * fc
+        if np.isfinite(mu[c]) and np.isfinite(bmean[c]):
+            d = bmean[c] - mu[c]
+            mu[c] += d * f
+            m2[c] += bm2[c] + d * d * fc
+        else:  # inf - inf must not make the mean NaN: the sums' mean, as torch's
+            mu[c] = (mu[c] * cnt + bmean[c] * k) / (cnt + k)
+            m2[c] = np.nan
     return cnt + k
 
 
