@@ -32,7 +32,7 @@ BWD_ARGS = Layout(
     per_call=("dy", "saved", "weight", "bias", "mean", "rstd", "dh_out", "dx", "dresidual",
               "parts", "dweight", "dbias", "scratch", "seed_lo", "seed_hi"),
     fixed=("m", "n", "sdy", "ssaved", "sdh", "is_rms", "zero_centered", "acc", "nblocks",
-           "from_output", "has_weight", "has_bias"),
+           "has_weight", "has_bias"),
     floats=("p", "scale"),
 )
 MASK_ARGS = Layout(per_call=("out", "seed_lo", "seed_hi"), fixed=("m", "n"), floats=("p",))
@@ -151,7 +151,7 @@ class BackwardPlan:
             x_dtype, dres_dtype, need_dw, need_db)
         self.launch = _BWD[tuple(_storage(t) for t in (
             ct, dy_dtype, saved_dtype, w_dtype or b_dtype or ct, dh_dtype, x_dtype, dres_dtype))
-                           + ("1" if dropout_p > 0 else "",)]
+                           + ("1" if dropout_p > 0 else "", "1" if from_output else "")]
         # acc: 0 no weight gradients, 1 dweight, 2 dweight and dbias (a bias without a weight
         # gets a scratch dweight: rare enough not to deserve its own loop)
         self.acc = 2 if need_db else int(need_dw)
@@ -160,8 +160,7 @@ class BackwardPlan:
         self.nblocks = nb = min(m, _MAX_BLOCKS, max(8, _PARTIAL_ELEMENTS // max(n, 1)))
         self.tail = BWD_ARGS.fixed(
             m=m, n=n, sdy=sdy, ssaved=ssaved, sdh=sdh, is_rms=is_rms,
-            zero_centered=zero_centered, acc=self.acc, nblocks=nb, from_output=from_output,
-            has_weight=w_dtype is not None, has_bias=b_dtype is not None, p=dropout_p,
+            zero_centered=zero_centered, acc=self.acc, nblocks=nb, has_weight=w_dtype is not None, has_bias=b_dtype is not None, p=dropout_p,
             scale=1.0 / (1.0 - dropout_p))
         self.cap = thread_cap(m * n, nb)
         size = 8 if ct == torch.float64 else 4

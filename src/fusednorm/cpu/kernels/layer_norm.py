@@ -318,8 +318,8 @@ def _grad_pass(a, d, weff, mu, rs, n, xh):
 def _bwd_block(dy, sdy, hs, shs, mean, rstd, dho, sdho, dx, dr, dw_blk, db_blk, acc, weff,
                beff, xh, gb, tb, ob, lo, hi, n, is_rms, dropout, from_output):
     """Rows lo..hi-1 of the backward, their weight gradients summed into dw_blk, db_blk. dho
-    (the gradient flowing into h), dr (dresidual) and dropout are None when absent, and then
-    left out of the compiled code."""
+    (the gradient flowing into h), dr (dresidual), dropout and from_output (the memory-saving
+    mode: hs is y) are None when absent, and then left out of the compiled code."""
     one, zero = gb.dtype.type(1), gb.dtype.type(0)
     inv_n = one / gb.dtype.type(n)
     if acc >= 1:  # zeroed here, by the thread that fills them, not by a torch op
@@ -329,7 +329,7 @@ def _bwd_block(dy, sdy, hs, shs, mean, rstd, dho, sdho, dx, dr, dw_blk, db_blk, 
     for i in range(lo, hi):
         d, a = row_view(dy, i * sdy, n, gb), row_view(hs, i * shs, n, ob)
         rs = rstd[i]
-        if from_output:  # a is y: x̂ = (y - b) / w_eff, then taken as it is below
+        if from_output is not None:  # a is y: x̂ = (y - b) / w_eff, then taken as it is below
             for j in range(n):
                 tb[j] = (a[j] - beff[j]) / weff[j]
             sg, sgx = _grad_pass(tb, d, weff, zero, one, n, xh)
@@ -376,10 +376,11 @@ def _sum_blocks(parts, nb, n, lo, hi, out):
             o[j] += part[j]
 
 
-def build_bwd(compute, dy, hs, params, dho, dx, dr, dropout):
+def build_bwd(compute, dy, hs, params, dho, dx, dr, dropout, from_output):
     """The backward kernel for these storage types ("" for an absent tensor; params: the
     weight's and bias's, whichever are present); dropout: "1" when the forward drew a dropout
-    mask."""
+    mask; from_output: "1" in the memory-saving mode (hs is the forward's output)."""
+    output_mode = 1 if from_output else None
     ct, dyt, hst, dhot, dxt, drt = (storage_type(s) for s in (compute, dy, hs, dho, dx, dr))
     pt = storage_type(params or compute)
     with_dropout = bool(dropout)
@@ -388,9 +389,9 @@ def build_bwd(compute, dy, hs, params, dho, dx, dr, dropout):
     dy_, hs_, w_, b_, mean_, rstd_, dho_, dx_, dr_, parts_, dw_, db_, scr_ = BWD.slots(
         "dy", "saved", "weight", "bias", "mean", "rstd", "dh_out", "dx", "dresidual", "parts",
         "dweight", "dbias", "scratch")
-    m_, n_, sdy_, shs_, sdho_, rms_, zc_, acc_, nb_, fo_, lo_, hi_, hw_, hb_ = BWD.slots(
+    m_, n_, sdy_, shs_, sdho_, rms_, zc_, acc_, nb_, lo_, hi_, hw_, hb_ = BWD.slots(
         "m", "n", "sdy", "ssaved", "sdh", "is_rms", "zero_centered", "acc", "nblocks",
-        "from_output", "seed_lo", "seed_hi", "has_weight", "has_bias")
+        "seed_lo", "seed_hi", "has_weight", "has_bias")
 
     def entry(block):
         a, f = ints(block, size), floats(block, size)
@@ -411,7 +412,7 @@ def build_bwd(compute, dy, hs, params, dho, dx, dr, dropout):
                        parts[(nb + blk) * n:(nb + blk + 1) * n], acc, weff, beff,
                        scratch[2 * n:3 * n], scratch[3 * n:4 * n], scratch[4 * n:5 * n],
                        scratch[5 * n:], blk * per, min(m, (blk + 1) * per), n, a[rms_] != 0,
-                       drop, a[fo_] != 0)
+                       drop, output_mode)
         if acc > 0:
             barrier()  # every partial row is complete; then each thread sums its columns
             c0, c1 = my_share(n)
