@@ -190,3 +190,24 @@ def test_group_norm_plan_never_serves_another_signature():
     xg = x.clone().requires_grad_()
     fusednorm.group_norm(xg, 4, w, b).sum().backward()
     assert xg.grad is not None
+
+
+def test_a_kernel_that_raises_reports_and_aborts(tmp_path):
+    """numba's error paths, never taken by fusednorm's kernels, are bound to a stub that says
+    what happened before aborting (a raw abort() would leave no trace)."""
+    code = """
+import torch
+from fusednorm.cpu._launch import Kernel, Layout
+
+def build():
+    def entry(block):
+        raise ValueError("boom")
+    return entry
+
+Kernel("raises", Layout(("x",), ()), build)[()](b"\\0" * 8)
+"""
+    env = dict(os.environ, FUSEDNORM_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=False)
+    assert out.returncode != 0
+    assert "fusednorm: a CPU kernel reached numba's" in out.stderr

@@ -212,7 +212,7 @@ class _Runtime:
             if name.startswith("llvm.") or name in self.symbols:
                 continue
             if name in _ERROR_PATHS:
-                ll.add_symbol(name, _abort_address())
+                ll.add_symbol(name, _error_path(name))
             elif not ll.address_of_symbol(name):
                 addr = _process_symbol(name)  # libm, libc, Python's C API
                 if not addr:
@@ -228,7 +228,8 @@ class _Runtime:
 
 # Symbols that numba's code references only on paths that raise a Python exception or free
 # an allocation; the kernels never raise (error_model="numpy", no bounds checks) and never
-# allocate (`_compile` refuses a kernel that does), so they are bound to abort().
+# allocate (`_compile` refuses a kernel that does), so reaching one is a fusednorm bug: it says
+# so and aborts (the kernel's state cannot be trusted past that point).
 _ERROR_PATHS = frozenset({
     "NRT_Free", "NRT_MemInfo_call_dtor", "NRT_decref", "numba_do_raise", "numba_gil_ensure",
     "numba_gil_release", "numba_runtime_build_excinfo_struct", "numba_unpickle",
@@ -243,8 +244,22 @@ def _process_symbol(name: str) -> int | None:
         return None
 
 
-def _abort_address() -> int:
-    return ctypes.cast(ctypes.CDLL(None).abort, ctypes.c_void_p).value
+_ERROR_STUBS: dict[str, object] = {}  # kept alive: the JIT holds their addresses
+
+
+def _error_path(name: str) -> int:
+    """The address of a C-callable stub that reports `name` and aborts the process."""
+    stub = _ERROR_STUBS.get(name)
+    if stub is None:
+        def report() -> None:
+            sys.stderr.write(f"fusednorm: a CPU kernel reached numba's {name}, a path its "
+                             "kernels never take; aborting. Please report it with the call "
+                             "that made it.\n")
+            sys.stderr.flush()
+            os.abort()
+
+        stub = _ERROR_STUBS[name] = ctypes.CFUNCTYPE(None)(report)
+    return ctypes.cast(stub, ctypes.c_void_p).value
 
 
 def _numba_version() -> str:
