@@ -30,6 +30,7 @@ from byte_traffic import count_traffic, nbytes
 from helpers import GPU, randn
 
 T = pytest.importorskip("fusednorm.triton.layer_norm")
+TG = pytest.importorskip("fusednorm.triton.group_norm")
 
 pytestmark = pytest.mark.skipif(GPU, reason="counts bytes under Triton's interpreter")
 
@@ -109,3 +110,34 @@ def test_backward_moves_each_byte_once(n, m, variant):
     for tensor in (dy, saved, dx):
         assert t.distinct(tensor) == nbytes(tensor)
     assert t.distinct() <= BWD_BOUND * ideal, f"{t.distinct() / ideal:.3f}x the ideal"
+
+
+# (N, C, H, W, groups), layout, whether groups are split into chunks: groups that fit a tile
+# (several to a tile); groups split into 2 chunks (channels first) or 4 (channels last);
+# InstanceNorm (one channel per group: channels last, a tile holds 512 of its 900 positions)
+GN_CASES = [((2, 12, 10, 10, 3), False, False), ((2, 12, 10, 10, 3), True, False),
+            ((2, 8, 40, 40, 2), False, True), ((2, 8, 40, 40, 2), True, True),
+            ((2, 6, 30, 30, 6), False, False), ((2, 6, 30, 30, 6), True, True)]
+
+
+@pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
+@pytest.mark.parametrize("shape, channels_last, split", GN_CASES, ids=str)
+def test_group_norm_moves_each_byte_once(shape, channels_last, split, silu):
+    n, c, h, w_, groups = shape
+    x = randn(n, c, h * w_, dtype=torch.bfloat16)
+    dy = randn(n, c, h * w_, dtype=torch.bfloat16)
+    if channels_last:
+        x, dy = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (x, dy))
+    w, b = randn(c), randn(c)
+    assert TG.tiling(c, h * w_, groups, channels_last, TG.FWD_TILE).split == split
+    with count_traffic() as fwd:
+        y, mean, var = TG.group_norm_fwd(x, w, b, groups, 1e-5, silu, channels_last)
+    with count_traffic() as bwd:
+        dx, dw, db = TG.group_norm_bwd(dy, x, w, b, mean, var, groups, 1e-5, silu, channels_last)
+    assert fwd.stray == bwd.stray == 0
+    assert fwd.distinct(x) == nbytes(x) and bwd.distinct(x) == nbytes(x)
+    assert bwd.distinct(dy) == nbytes(dy)
+    ideal = nbytes(x, w, b, y, mean, var)
+    assert fwd.distinct() <= FWD_BOUND * ideal, f"forward {fwd.distinct() / ideal:.3f}x"
+    ideal = nbytes(dy, x, w, b if silu else None, mean, var, dx, dw, db)
+    assert bwd.distinct() <= BWD_BOUND * ideal, f"backward {bwd.distinct() / ideal:.3f}x"

@@ -138,9 +138,11 @@ def merge_moments(s1, s2, n_k, k_ok, n):
 
 
 @triton.jit
-def _sum_rows_kernel(PW, PB, DW, DB, P, N, PB_ROWS: tl.constexpr, RB: tl.constexpr,
-                     DW_GRAD: tl.constexpr, DB_GRAD: tl.constexpr, COMPUTE: tl.constexpr):
+def _sum_rows_kernel(PW, PB, DW, DB, P, n_al, PB_ROWS: tl.constexpr, RB: tl.constexpr,
+                     ALIGN: tl.constexpr, DW_GRAD: tl.constexpr, DB_GRAD: tl.constexpr,
+                     COMPUTE: tl.constexpr):
     """DW, DB = the sums of the P partial rows PW, PB (P, N), in a fixed order, RB columns."""
+    N = n_al * ALIGN
     cols = tl.program_id(0) * RB + tl.arange(0, RB)
     col_ok = cols < N
     acc_w = tl.zeros([PB_ROWS, RB], COMPUTE)
@@ -159,7 +161,7 @@ def _sum_rows_kernel(PW, PB, DW, DB, P, N, PB_ROWS: tl.constexpr, RB: tl.constex
         tl.store(DB + cols, tl.sum(acc_b, axis=0).to(DB.dtype.element_ty), mask=col_ok)
 
 
-SUM_ROWS = 32  # partial rows the final sum reads at a time
+SUM_ROWS = 64  # partial rows the final sum reads at a time
 SUM_PROGRAMS = 396  # column blocks narrow enough to give about this many programs
 
 
@@ -170,11 +172,11 @@ def sum_partial_rows(pw: torch.Tensor | None, pb: torch.Tensor | None,
     parts = pw if pw is not None else pb
     p, n = parts.shape
     rows = min(SUM_ROWS, triton.next_power_of_2(p))
-    rb = min(2048 // rows, max(16, triton.next_power_of_2(triton.cdiv(n, SUM_PROGRAMS))))
+    rb = max(16, min(1024 // rows, triton.next_power_of_2(triton.cdiv(n, SUM_PROGRAMS))))
     _sum_rows_kernel[(triton.cdiv(n, rb),)](
         parts if pw is None else pw, parts if pb is None else pb,
-        (db if dw is None else dw), (dw if db is None else db), p, n, PB_ROWS=rows, RB=rb,
-        DW_GRAD=pw is not None, DB_GRAD=pb is not None,
+        (db if dw is None else dw), (dw if db is None else db), p, n // alignment(n), PB_ROWS=rows,
+        RB=rb, ALIGN=alignment(n), DW_GRAD=pw is not None, DB_GRAD=pb is not None,
         COMPUTE=tl.float64 if parts.dtype == torch.float64 else tl.float32,
         num_warps=4, num_stages=1, enable_fp_fusion=True,
     )
