@@ -86,15 +86,20 @@ def test_forward_moves_each_byte_once(n, m, variant):
     assert t.distinct() <= FWD_BOUND * ideal, f"{t.distinct() / ideal:.3f}x the ideal"
 
 
-# (N, M): rows packed, two row blocks (float32 partial rows and their sum); two chunks, two
-# row blocks; the widest rows (one block: the gradients written directly)
-BWD_SHAPES = [(100, 128), (3000, 128), (1 << 18, 2)]
+# N, and whether M gives two row blocks (float32 partial rows and their sum; M the smallest that
+# does, from the blocks' minimum length) or one (M = 2: the gradients are written directly):
+# rows packed; two chunks; the widest rows
+BWD_SHAPES = [(100, True), (3000, True), (1 << 18, False)]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("n, m", BWD_SHAPES, ids=lambda v: str(v))
-def test_backward_moves_each_byte_once(n, m, variant):
+@pytest.mark.parametrize("n, two_blocks", BWD_SHAPES, ids=str)
+def test_backward_moves_each_byte_once(n, two_blocks, variant):
     is_rms, residual, dropout = VARIANTS[variant]
+    # bfloat16 dy, saved input, dx (dh_out and dresidual with the residual); float32 partials
+    # of dweight (and dbias), each written and read once
+    min_rows = T._min_rows(8 * (1 + (not is_rms)), 2 * (3 + 2 * residual))
+    m = 2 * min_rows if two_blocks else 2
     x, r, w, b, p = _row_tensors(m, n, is_rms, residual, dropout)
     _, h, mean, rstd = _fwd(x, r, w, b, is_rms, p)
     saved = h if h.numel() else x
@@ -104,7 +109,7 @@ def test_backward_moves_each_byte_once(n, m, variant):
         dx, dres, dw, db = T.norm_bwd(dy, saved, w, b, mean, rstd, dh_out, 1e-5, is_rms, False,
                                       p, 7, residual, x.dtype, x.dtype, True)
     blocks = len([launch for launch in t.launches if launch.kernel == "_sum_rows_kernel"])
-    assert blocks == (m >= 100), "the case should reach the path it names"
+    assert blocks == two_blocks, "the case should reach the path it names"
     ideal = nbytes(dy, saved, dh_out, w, mean, rstd, dx, dres, dw, db)
     assert t.stray == 0
     for tensor in (dy, saved, dx):

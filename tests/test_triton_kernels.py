@@ -27,17 +27,27 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 PARAMS = ["none", "w", "wb", "b"]  # which of weight and bias are present
 
 
-@pytest.fixture(params=["fused", "split", "split_sync"])
-def path(request, monkeypatch):
-    """Run the test on the in-register path and on the split path (rows in chunks of 16). The
-    interpreter runs the split path's leader variant without waiting (programs run in order);
-    split_sync adds what a GPU does on that variant: tickets, release/acquire counters, waits."""
-    if request.param != "fused":
-        for name in ("FWD_FUSED_MAX", "FWD_CHUNK", "BWD_FUSED_MAX", "BWD_CHUNK"):
-            monkeypatch.setattr(T, name, 16)
-    if request.param == "split_sync":
+def _use_path(name, monkeypatch):
+    if name != "fused":
+        for const in ("FWD_FUSED_MAX", "FWD_CHUNK", "BWD_FUSED_MAX", "BWD_CHUNK"):
+            monkeypatch.setattr(T, const, 16)
+    if name == "split_sync":
         monkeypatch.setattr(T, "sync_flags", lambda device, k: (True, True))
-    return request.param
+    return name
+
+
+@pytest.fixture(params=["fused", "split"])
+def path(request, monkeypatch):
+    """Run the test on the in-register path and on the split path (rows in chunks of 16; the
+    interpreter runs its leader variant, which needs no waiting: programs run in order)."""
+    return _use_path(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["fused", "split", "split_sync"])
+def any_path(request, monkeypatch):
+    """`path`, and split_sync: the leader variant with what a GPU adds to it, tickets taken in
+    start order, release/acquire counters and waits (a GPU runs them on either split path)."""
+    return _use_path(request.param, monkeypatch)
 
 
 def _torch_add_norm(x, r, keep, p, is_rms, w, b, eps, zero_centered, h_dtype):
@@ -167,14 +177,14 @@ def test_float32_params_with_half_input(dtype, is_rms):
 
 @pytest.mark.parametrize("N", [1, 7, 100, 256], ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("is_rms", [False, True], ids=["ln", "rms"])
-def test_shapes_on_both_paths(path, is_rms, N):
+def test_shapes_on_both_paths(any_path, is_rms, N):
     # split: N = 100 is 7 chunks of 16 (the last one of 4); 256 is exactly 16 full chunks
     check(M=5, N=N, dtype=torch.float32, is_rms=is_rms, params="w" if is_rms else "wb")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("is_rms", [False, True], ids=["ln", "rms"])
-def test_residual_dropout_dh_out(path, is_rms, dtype):
+def test_residual_dropout_dh_out(any_path, is_rms, dtype):
     # float64 checks that eps and 1/(1 - p) reach the kernel in full precision
     check(M=5, N=100, dtype=dtype, is_rms=is_rms, params="w" if is_rms else "wb",
           residual=True, p=0.3, dh_out=True)
@@ -358,7 +368,7 @@ def test_forward_is_batch_invariant(path, is_rms):
 
 
 @pytest.mark.parametrize("blocking", ["default", "one_block", "many_blocks"])
-def test_backward_is_deterministic(path, monkeypatch, blocking):
+def test_backward_is_deterministic(any_path, monkeypatch, blocking):
     """Bitwise repeatable dx/dweight/dbias for each row blocking: one block of every row (which
     writes the gradients itself), and more partial rows (20) than the final sum reads at once
     (16)."""
