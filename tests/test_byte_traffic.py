@@ -88,7 +88,7 @@ def test_forward_moves_each_byte_once(n, m, variant):
 
 # N, and whether M gives two row blocks (float32 partial rows and their sum; M the smallest that
 # does, from the blocks' minimum length) or one (M = 2: the gradients are written directly):
-# rows packed; two chunks; the widest rows
+# rows packed; three chunks; the widest rows
 BWD_SHAPES = [(100, True), (3000, True), (1 << 18, False)]
 
 

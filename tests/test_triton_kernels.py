@@ -318,7 +318,7 @@ def test_large_mean_rows_keep_precision(path):
 
 def test_wide_rows_with_default_blocks():
     """N above FWD_FUSED_MAX with the real constants: the split paths as shipped (2 chunks
-    forward, 6 backward)."""
+    forward, 11 backward)."""
     check(M=2, N=T.FWD_FUSED_MAX + 3000, dtype=torch.bfloat16, param_dtype=torch.float32)
 
 

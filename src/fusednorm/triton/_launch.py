@@ -161,8 +161,9 @@ def _sum_rows_kernel(PW, PB, DW, DB, P, n_al, PB_ROWS: tl.constexpr, RB: tl.cons
         tl.store(DB + cols, tl.sum(acc_b, axis=0).to(DB.dtype.element_ty), mask=col_ok)
 
 
-SUM_ROWS = 64  # partial rows the final sum reads at a time
-SUM_PROGRAMS = 396  # column blocks narrow enough to give about this many programs
+# The final sum: a program reads up to SUM_ROWS partial rows of a column block at once (32 KB in
+# flight), in column blocks narrow enough to give about SUM_PROGRAMS programs.
+SUM_ROWS, SUM_TILE, SUM_PROGRAMS = 256, 4096, 396
 
 
 def sum_partial_rows(pw: torch.Tensor | None, pb: torch.Tensor | None,
@@ -172,11 +173,11 @@ def sum_partial_rows(pw: torch.Tensor | None, pb: torch.Tensor | None,
     parts = pw if pw is not None else pb
     p, n = parts.shape
     rows = min(SUM_ROWS, triton.next_power_of_2(p))
-    rb = max(16, min(1024 // rows, triton.next_power_of_2(triton.cdiv(n, SUM_PROGRAMS))))
+    rb = max(16, min(SUM_TILE // rows, triton.next_power_of_2(triton.cdiv(n, SUM_PROGRAMS))))
     _sum_rows_kernel[(triton.cdiv(n, rb),)](
         parts if pw is None else pw, parts if pb is None else pb,
         (db if dw is None else dw), (dw if db is None else db), p, n // alignment(n), PB_ROWS=rows,
         RB=rb, ALIGN=alignment(n), DW_GRAD=pw is not None, DB_GRAD=pb is not None,
         COMPUTE=tl.float64 if parts.dtype == torch.float64 else tl.float32,
-        num_warps=4, num_stages=1, enable_fp_fusion=True,
+        num_warps=8, num_stages=1, enable_fp_fusion=True,
     )

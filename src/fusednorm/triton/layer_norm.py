@@ -58,8 +58,8 @@ from ._launch import (
 # rows. Module constants so that tests can force the split paths on small shapes.
 FWD_FUSED_MAX = 8192
 FWD_CHUNK = 8192
-BWD_FUSED_MAX = 2048
-BWD_CHUNK = 2048
+BWD_FUSED_MAX = 1024
+BWD_CHUNK = 1024
 MAX_CHUNKS = 64  # chunks widen beyond it: a GPU must hold a row's chunks at once
 # Elements a program holds per tensor (ROWS rows of BLOCK), and per warp: 16 per thread forward
 # (h, then y), 8 backward (dy, x̂, g and the output), which keeps sm_90 clear of spills.
