@@ -53,20 +53,25 @@ EOF
 step env env_info
 mv "$out/env.log" "$out/env.txt"
 
-# The whole suite, compiled on CUDA tensors (conftest.py leaves TRITON_INTERPRET unset).
+# The whole suite, compiled on CUDA tensors (conftest.py leaves TRITON_INTERPRET unset); it
+# includes the GPU-only tests: split rows and groups give the same bits by the cooperative path
+# and the leader path CI runs (test_gpu_cooperative_equals_leader,
+# test_gpu_group_norm_cooperative_equals_leader), inputs on a second GPU.
 step tests env FUSEDNORM_GPU=1 "$PY" -m pytest tests -q -rs -p no:cacheprovider \
     --junitxml="$out/tests.xml"
 
-# Out-of-bounds and misaligned accesses in every kernel and path: the split path runs on small
-# shapes (the tests lower its block size), as do strided rows, zero-size inputs and the row
-# blockings of the backward. The full-size tests would take hours under the sanitizer.
+# Out-of-bounds and misaligned accesses in every kernel and path: the split paths (cooperative,
+# and the leader's with waits) run on small shapes (the tests lower the chunk sizes), as do
+# strided rows, zero-size inputs, the row blockings of the backward and GroupNorm's split groups.
+# The full-size tests would take hours under the sanitizer.
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$sanitizer" ]; then
     step memcheck env FUSEDNORM_GPU=1 "$sanitizer" --tool memcheck --error-exitcode 99 \
-        --print-limit 50 "$PY" -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider \
+        --print-limit 50 "$PY" -m pytest tests/test_triton_kernels.py tests/test_group_norm.py \
+        -q -p no:cacheprovider \
         -k "shapes_on_both_paths or residual_dropout_dh_out or strided or zero_size \
             or from_output_zero_centered or keep_mask or backward_is_deterministic \
-            or wide_rows_with_default_blocks"
+            or wide_rows_with_default_blocks or groups_split_into_chunks"
 else
     echo "=== memcheck: skipped, compute-sanitizer not found" | tee -a "$out/summary.txt"
 fi

@@ -113,7 +113,8 @@ def assert_within_ulps(ours64, ref, dtype, ulps, scale, what=""):
 
 # Found by the NaN/inf tests of BatchNorm and InstanceNorm: the channel kernels' merged moments
 # computed inf - inf, so a channel with an inf got running_mean NaN, torch's inf. Fixed on the
-# CPU (the merges special-case non-finite means); the Triton kernels still have it.
+# CPU (the merges special-case non-finite means) and in Triton's GroupNorm/InstanceNorm; Triton's
+# BatchNorm still has it.
 def inf_running_mean_differs(backend: str):
     return pytest.param(backend, marks=pytest.mark.xfail(
         strict=True, reason="an inf makes our running_mean NaN where torch's is inf")

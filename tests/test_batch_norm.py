@@ -123,7 +123,7 @@ def test_values_triton(training, channels_last, dtype):
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_triton_several_chunks_per_sample(monkeypatch, channels_last):
-    kernels = importlib.import_module("fusednorm.triton.group_norm")
+    kernels = importlib.import_module("fusednorm.triton.batch_norm")
     monkeypatch.setattr(kernels, "TILE", 64)
     monkeypatch.setattr(kernels, "TILES_PER_CHUNK", 2)
     dev = device_for("triton")

@@ -94,20 +94,22 @@ def test_issue_shapes_triton(shape, groups, channels_last, dtype):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.parametrize("sync", [False, True], ids=["leader", "leader_sync"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_triton_several_chunks_per_sample(monkeypatch, channels_last):
-    """Tiles of 64 elements, 2 per chunk: each sample spans several chunks and channel blocks,
-    which the merge kernels must combine (as on a GPU with realistic shapes)."""
+def test_triton_groups_split_into_chunks(monkeypatch, channels_last, sync):
+    """Tiles of 64 elements: each group spans several chunks (10 channels first, 38 channels
+    last, three groups to a tile), whose sums the chunks exchange, as on a GPU with realistic
+    shapes. leader_sync adds what a GPU does on that path: tickets and waits."""
     kernels = importlib.import_module("fusednorm.triton.group_norm")
-
-    monkeypatch.setattr(kernels, "TILE", 64)
-    monkeypatch.setattr(kernels, "TILES_PER_CHUNK", 2)
-    monkeypatch.setattr(kernels, "MERGE_BLOCK", 2)
+    monkeypatch.setattr(kernels, "FWD_TILE", 64)
+    monkeypatch.setattr(kernels, "BWD_TILE", 64)
+    if sync:
+        monkeypatch.setattr(kernels, "sync_flags", lambda device, k: (True, True))
     dev = device_for("triton")
     x = randn(2, 12, 15, 10, dtype=torch.float32, device=dev, mean=3.0)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    assert kernels.tiling(12, 150, channels_last)[3] > 1
+    assert kernels.tiling(12, 150, 3, channels_last, 64).k > 1
     check(x, 3, randn(12, device=dev), randn(12, device=dev), backend="triton",
           activation="silu")
 

@@ -10,6 +10,8 @@ tensors over 2^31 elements run with FUSEDNORM_GPU=1 only (scripts/gpu_check.sh).
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,13 +36,27 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 PARAMS = ["none", "w", "wb", "b"]  # which of weight and bias are present
 
 
+def _use_path(name, monkeypatch):
+    if name != "fused":
+        for const in ("FWD_FUSED_MAX", "FWD_CHUNK", "BWD_FUSED_MAX", "BWD_CHUNK"):
+            monkeypatch.setattr(T, const, 16)
+    if name == "split_sync":
+        monkeypatch.setattr(T, "sync_flags", lambda device, k: (True, True))
+    return name
+
+
 @pytest.fixture(params=["fused", "split"])
 def path(request, monkeypatch):
-    """Run the test on the in-register path and on the split path (rows in chunks of 16)."""
-    if request.param == "split":
-        for name in ("FWD_MAX_BLOCK", "BWD_MAX_BLOCK", "SPLIT_BLOCK"):
-            monkeypatch.setattr(T, name, 16)
-    return request.param
+    """Run the test on the in-register path and on the split path (rows in chunks of 16; the
+    interpreter runs its leader variant, which needs no waiting: programs run in order)."""
+    return _use_path(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["fused", "split", "split_sync"])
+def any_path(request, monkeypatch):
+    """`path`, and split_sync: the leader variant with what a GPU adds to it, tickets taken in
+    start order, release/acquire counters and waits (a GPU runs them on either split path)."""
+    return _use_path(request.param, monkeypatch)
 
 
 def _torch_add_norm(x, r, keep, p, is_rms, w, b, eps, zero_centered, h_dtype):
@@ -177,14 +193,14 @@ def test_float32_params_with_half_input(dtype, is_rms):
 
 @pytest.mark.parametrize("N", [1, 7, 100, 256], ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("is_rms", [False, True], ids=["ln", "rms"])
-def test_shapes_on_both_paths(path, is_rms, N):
+def test_shapes_on_both_paths(any_path, is_rms, N):
     # split: N = 100 is 7 chunks of 16 (the last one of 4); 256 is exactly 16 full chunks
     check(M=5, N=N, dtype=torch.float32, is_rms=is_rms, params="w" if is_rms else "wb")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("is_rms", [False, True], ids=["ln", "rms"])
-def test_residual_dropout_dh_out(path, is_rms, dtype):
+def test_residual_dropout_dh_out(any_path, is_rms, dtype):
     # float64 checks that eps and 1/(1 - p) reach the kernel in full precision
     check(M=5, N=100, dtype=dtype, is_rms=is_rms, params="w" if is_rms else "wb",
           residual=True, p=0.3, dh_out=True)
@@ -322,8 +338,9 @@ def test_large_mean_rows_keep_precision(path):
 
 
 def test_wide_rows_with_default_blocks():
-    """N above FWD_MAX_BLOCK with the real constants: the split path as shipped, 5 chunks."""
-    check(M=2, N=T.FWD_MAX_BLOCK + 3000, dtype=torch.bfloat16, param_dtype=torch.float32)
+    """N above FWD_FUSED_MAX with the real constants: the split paths as shipped (2 chunks
+    forward, 11 backward)."""
+    check(M=2, N=T.FWD_FUSED_MAX + 3000, dtype=torch.bfloat16, param_dtype=torch.float32)
 
 
 # --- dropout mask ------------------------------------------------------------------------------
@@ -372,15 +389,16 @@ def test_forward_is_batch_invariant(path, is_rms):
 
 
 @gpu_only_determinism
-@pytest.mark.parametrize("blocking", ["default", "one_program", "many_programs"])
-def test_backward_is_deterministic(path, monkeypatch, blocking):
-    """Bitwise repeatable dx/dweight/dbias for each row blocking: one program walking every row,
-    and more partial rows (20) than the final sum reads at once (16)."""
-    if blocking == "one_program":
-        monkeypatch.setattr(T, "BWD_MIN_PROGRAMS", 1)
-        monkeypatch.setattr(T, "BWD_BLOCK_ROWS", 1024)
-        monkeypatch.setattr(T, "BWD_TILE", 8)
-    elif blocking == "many_programs":
+@pytest.mark.parametrize("blocking", ["default", "one_block", "many_blocks"])
+def test_backward_is_deterministic(any_path, monkeypatch, blocking):
+    """Bitwise repeatable dx/dweight/dbias for each row blocking: one block of every row (which
+    writes the gradients itself), and more partial rows (20) than the final sum reads at once
+    (16)."""
+    if blocking == "one_block":
+        monkeypatch.setattr(T, "TARGET_PROGRAMS", 1)
+    elif blocking == "many_blocks":
+        monkeypatch.setattr(T, "PARTIAL_SHARE", 1e9)
+        monkeypatch.setattr(importlib.import_module("fusednorm.triton._launch"), "SUM_ROWS", 16)
         monkeypatch.setattr(T, "BWD_TILE", 1)
     runs = []
     for _ in range(2):
@@ -390,12 +408,16 @@ def test_backward_is_deterministic(path, monkeypatch, blocking):
         assert torch.equal(a, b)
 
 
-def test_bwd_grid_depends_on_m_and_n_only():
-    g, per = T._bwd_grid(4096, 256, 8, 1)
-    assert g * per >= 4096 and (g - 1) * per < 4096 and per % 8 == 0
-    # enough programs for small M, bounded partial memory for huge N
-    assert T._bwd_grid(64, 4096, 1, 1)[0] == 64
-    assert T._bwd_grid(4096, 1 << 20, 1, 256)[0] * (1 << 20) <= T.PARTIAL_BUDGET
+def test_bwd_grid_depends_on_m_n_and_dtypes_only():
+    cfg = T._bwd_config(256)
+    g, per = T._bwd_grid(4096, cfg, 54)
+    assert g * per >= 4096 and (g - 1) * per < 4096 and per % cfg.rows == 0
+    assert per >= 54  # blocks long enough for the partial rows to stay small ...
+    assert T._bwd_grid(64, cfg, 54) == (1, 64)  # ... so few rows make one block
+    wide = T._bwd_config(1 << 18)
+    assert wide.k == T.MAX_CHUNKS and T._bwd_grid(64, wide, 54)[0] == 1
+    # bfloat16 dy, x and dx with float32 dweight and dbias partial rows: 54 rows per block
+    assert T._min_rows(16, 6) == 54 and T._min_rows(0, 6) == 1
 
 
 # --- GPU only: sizes the interpreter cannot run ---------------------------------------------------
@@ -409,6 +431,31 @@ gpu_only = pytest.mark.skipif(not GPU, reason="needs FUSEDNORM_GPU=1 and a CUDA 
 def test_gpu_real_sizes(N, dtype):
     check(M=max(2, (1 << 21) // N), N=N, dtype=dtype, param_dtype=torch.float32,
           residual=True, p=0.1)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("N", [3000, 16384, 65536, 1 << 20], ids=lambda n: f"N{n}")
+def test_gpu_cooperative_equals_leader(monkeypatch, N, dtype):
+    """A GPU's split rows (chunks that publish their sums and wait for each other) give the same
+    bits as the leader path, which is what the interpreter runs in CI; forward and backward,
+    with the residual, dropout, h's gradient and several row blocks."""
+    launch = importlib.import_module("fusednorm.triton._launch")
+    M = min(256, max(2, (1 << 22) // N))
+    x, r, dy, dho = (randn(M, N, dtype=dtype, device=DEV) for _ in range(4))
+    w, b = randn(N, device=DEV), randn(N, device=DEV)
+
+    def run():
+        y, h, mean, rstd = T.norm_fwd(x, w, b, r, 1e-5, False, False, 0.1, 3, dtype, dtype)
+        return (y, h, mean, rstd) + T.norm_bwd(dy, h, w, b, mean, rstd, dho, 1e-5, False, False,
+                                              0.1, 3, True, dtype, dtype, True)
+
+    assert T._bwd_config(N).split and launch.sync_flags(x.device, T._bwd_config(N).k)[1]
+    cooperative = run()
+    monkeypatch.setattr(launch, "COOPERATE", False)
+    leader = run()
+    for a, b_ in zip(cooperative, leader):
+        assert torch.equal(a, b_)
 
 
 @gpu_only

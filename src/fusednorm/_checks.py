@@ -56,9 +56,15 @@ def param_shape_ok(p: torch.Tensor | None, normalized_shape: Sequence[int]) -> b
     return p is None or tuple(p.shape) == tuple(normalized_shape)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every kernel computes (and keeps statistics) in: float32, float64 for float64
+    input."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def default_rms_eps(dtype: torch.dtype) -> float:
     """torch.nn.functional.rms_norm's eps=None: the epsilon of the computation type."""
-    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    return torch.finfo(compute_dtype(dtype)).eps
 
 
 def as_rows(x: torch.Tensor, n: int) -> torch.Tensor:

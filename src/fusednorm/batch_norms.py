@@ -18,14 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusednorm._backend import kernels, resolve
-from fusednorm._checks import params_ok, raise_like_torch
+from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
 from fusednorm._layout import as_ncs, from_layout, layout_strides
 from fusednorm._ops import dispatch, needs_grad
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 # ---------------------------------------------------------------------------------------------
 # Kernels behind torch.library ops. Eager code calls the *_impl functions directly; compiled

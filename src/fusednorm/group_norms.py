@@ -17,7 +17,7 @@ from torch import Tensor
 from fusednorm import _backend
 from fusednorm._autocast import autocast_cast, casts
 from fusednorm._backend import kernels, resolve
-from fusednorm._checks import params_ok, raise_like_torch
+from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
 from fusednorm._layout import as_ncs, from_layout, layout_strides
 from fusednorm._ops import dispatch, needs_grad
 from fusednorm.batch_norms import (
@@ -26,7 +26,6 @@ from fusednorm.batch_norms import (
     _plain,
     affine_params,
     batch_norm_forward,
-    compute_dtype,
     differentiable_grads,
     update_running_stats,
 )

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import fusednorm
-from fusednorm._checks import HALF_DTYPES
+from fusednorm._checks import HALF_DTYPES, compute_dtype
 from fusednorm.row_norm import layer_norm, rms_norm
 
 # torch norm type -> constructor arguments of the fusednorm class of the same name (used where
@@ -186,7 +186,7 @@ class HFNorm(nn.Module):
                 raise NotImplementedError(
                     f"fusednorm: {self.extra_repr()} multiplies a float64 weight in float64 "
                     f"with {x.dtype} input; fusednorm computes in float32 there")
-            w = w.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+            w = w.to(compute_dtype(x.dtype))
         norm = rms_norm if rule.is_rms else layer_norm
         return norm(x, x.shape[-1:], w, eps=getattr(self, rule.eps), out_dtype=out_dtype,
                     xhat_dtype=xhat_dtype, zero_centered_weight=rule.zero_centered)

@@ -27,6 +27,7 @@ from fusednorm._checks import (
     FLOAT_DTYPES,
     HALF_DTYPES,
     as_rows,
+    compute_dtype,
     default_rms_eps,
     normalized_shape_ok,
     param_shape_ok,
@@ -35,11 +36,6 @@ from fusednorm._checks import (
     row_stride,
     stand_in,
 )
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 # ---------------------------------------------------------------------------------------------
 # Kernels behind torch.library ops, for compiled graphs (eager code uses the plans below).
@@ -55,7 +51,7 @@ def _fwd_impl(x, weight, bias, residual, eps, is_rms, zero_centered, dropout_p, 
     if h.numel() == 0:
         h = x.new_empty((0,))
     if mean.numel() == 0:
-        mean = x.new_empty((0,), dtype=_stats_dtype(x.dtype))
+        mean = x.new_empty((0,), dtype=compute_dtype(x.dtype))
     return y, h, mean, rstd
 
 
@@ -74,7 +70,7 @@ def _(x, weight, bias, residual, eps, is_rms, zero_centered, dropout_p, seed, ou
       residual_dtype, xhat_dtype, backend):
     m, n = x.shape
     with_h = residual is not None or dropout_p > 0
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     return (
         x.new_empty((m, n), dtype=out_dtype),
         x.new_empty((m, n), dtype=residual_dtype) if with_h else x.new_empty((0,)),
@@ -127,7 +123,7 @@ def _(dy, h, weight, bias, mean, rstd, dh_out, eps, is_rms, zero_centered, dropo
 
 
 def _composite(h, weight, bias, eps, is_rms, zero_centered, out_dtype, xhat_dtype):
-    compute = _stats_dtype(h.dtype)
+    compute = compute_dtype(h.dtype)
     hc = h.to(compute)
     if is_rms:
         xhat = hc * torch.rsqrt(hc.square().mean(-1, keepdim=True) + eps)
@@ -150,7 +146,7 @@ def _composite_call(x, residual, weight, bias, eps, dropout_p, residual_dtype, o
     if fused:
         # as the kernels: residual + dropout(x) in the compute dtype, rounded once to h's dtype;
         # the norm reads that h, and its gradient meets h's own in the compute dtype
-        compute = _stats_dtype(torch.promote_types(x.dtype, residual_dtype))
+        compute = compute_dtype(torch.promote_types(x.dtype, residual_dtype))
         hc = x.to(compute)
         hc = F.dropout(hc, dropout_p) if dropout_p > 0 else hc
         hc = hc if residual is None else residual.to(compute) + hc
@@ -287,7 +283,7 @@ class _Plan:
             return _ContractBackward(self, need_w, same)
         from fusednorm.cpu.layer_norm import BackwardPlan
 
-        n, ct = self.n, _stats_dtype(self.forward.ct)
+        n, ct = self.n, compute_dtype(self.forward.ct)
         dres = self.residual_dtype if self.has_residual and not same else None
         return BackwardPlan(
             self.m, n, n, n, n, ct, dy.dtype, saved.dtype,

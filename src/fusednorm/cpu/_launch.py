@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from fusednorm._checks import compute_dtype  # noqa: F401 (the launchers' rule, re-exported)
+
 # Below this many elements a call runs on the calling thread: waking the workers costs more
 # than the work (torch's own grain is 32K). Results never depend on the choice.
 PARALLEL_GRAIN = 1 << 16
@@ -40,11 +42,6 @@ PARALLEL_GRAIN = 1 << 16
 # types, so each conversion is chosen when the kernel is compiled).
 STORAGE = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "uint16",
            torch.float16: "int16"}
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Every kernel computes in float32, except for float64 input."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --- argument blocks ---------------------------------------------------------------------------

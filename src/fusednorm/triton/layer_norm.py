@@ -2,25 +2,30 @@
 residual add and dropout fused in. The contract (arguments, outputs, numerics) is the one in
 docs/DESIGN.md, "Kernel contract"; the autograd and torch.library layers live in row_norm.py.
 
-Every configuration is a fixed function of N (forward) or of N and M (the backward's row blocks),
-never of the device, of timing or of an autotuner, so kernels can be captured in CUDA graphs and
-the forward is bitwise batch-invariant. Two paths, chosen from N:
+Every byte of x, the residual, dy and the saved input is read from memory once and every output
+written once, for any N (tests/test_byte_traffic.py counts them under the interpreter). The
+configuration is a fixed function of N and the dtypes (the backward's row blocks also of M),
+never of timing or an autotuner: the kernels can be captured in CUDA graphs and the forward is
+bitwise batch-invariant.
 
-- fused: the whole row sits in registers (N <= FWD_MAX_BLOCK forward, BWD_MAX_BLOCK backward,
-  which also holds dy and two gradient accumulators). Narrow rows are packed ROWS to a program so
-  that each program still moves a few KB. Exact two-pass mean/variance on the registers.
-- split, for wider rows (no ceiling on N): a row is cut into K chunks of SPLIT_BLOCK, one program
-  per (row, chunk), so even one row of 1M elements fills the GPU. A first kernel writes per-chunk
-  sums (forward: Σh and Σ(h - chunk mean)², merged exactly by Chan's formula; backward: Σg·x̂ and
-  Σg), the second re-reads its chunk and finishes. That costs one extra read of the row: Triton
-  has no way to share one row between programs (quack uses thread-block clusters for it).
+- Forward, a row that fits (N <= FWD_FUSED_MAX): ROWS rows per program, in registers; exact
+  two-pass mean and variance on them. A wider row is cut into K chunks of BLOCK, one program
+  each, which keeps its chunk in registers and exchanges the chunk sums with the row's other
+  chunks (Σh and Σ(h - chunk mean)² of h - h[row, 0], merged in chunk order by Chan's formula).
+- Backward, one launch: program (g, k) walks the rows of block g over column chunk k, reading dy
+  and the saved input once, and accumulates its dweight/dbias columns in float32 registers; with
+  K > 1 the row sums Σg·x̂ and Σg are exchanged like the forward's. Row blocks are at least
+  `_min_rows` rows, so the float32 partial rows (one per block, added by sum_partial_rows in
+  block order; none when G = 1) stay a few % of the bytes; the chunks give the GPU its programs.
+  No atomics in any sum: bitwise deterministic.
 
-Backward dweight/dbias: the rows are cut into G contiguous blocks (G from M and N only, see
-_bwd_grid); each program accumulates its block in float32 registers, writes one partial row, and
-_sum_partials_kernel adds the G partial rows in a fixed order. No atomics: bitwise deterministic.
+How the chunks of a row exchange their sums, and which path a GPU takes: `_launch.py`. A GPU
+runs the cooperative path (each chunk publishes, then waits for the others); Triton's
+interpreter runs the leader path (chunk 0 computes all K chunks' sums and the others read them),
+which gives the same bits.
 
-(Over 500 lines: the two paths' kernels share their device helpers, forward and backward share
-the configuration, and splitting them would scatter one contract over several files.)
+(Over 500 lines: the paths share their device helpers, forward and backward share the
+configuration, and splitting them would scatter one contract over several files.)
 """
 
 from __future__ import annotations
@@ -35,18 +40,36 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Widest row (elements, a power of two) kept in registers; wider rows take the split path. Module
-# constants rather than literals so that tests can force the split path on small shapes.
-FWD_MAX_BLOCK = 16384
-BWD_MAX_BLOCK = 8192
-SPLIT_BLOCK = 4096  # chunk width of the split path
-FWD_TILE, BWD_TILE = 4096, 2048  # elements per program for narrow rows (ROWS rows of BLOCK)
-# Backward row blocks: at least ~256 programs, blocks of >= 16 rows once M is large (a partial
-# row costs 8 bytes of traffic per column, so 16 rows keep it near 3% of the bf16 traffic), at
-# most 1024 programs and 16 MiB of float32 partials (which then stay in L2 for the final sum).
-# The final sum reads SUM_ROWS partial rows at a time.
-SUM_ROWS = 32
-BWD_MIN_PROGRAMS, BWD_MAX_PROGRAMS, BWD_BLOCK_ROWS, PARTIAL_BUDGET = 256, 1024, 16, 1 << 22
+from .._checks import compute_dtype
+from ._launch import (
+    alignment,
+    load_sums,
+    merge_moments,
+    on_device,
+    publish,
+    rsqrt_rn,
+    slot,
+    sum_partial_rows,
+    sync_buffer,
+    sync_flags,
+    wait,
+)
+
+# Widest row (elements, a power of two) one program holds whole, and the chunk width of wider
+# rows. Module constants so that tests can force the split paths on small shapes.
+FWD_FUSED_MAX = 8192
+FWD_CHUNK = 8192
+BWD_FUSED_MAX = 1024
+BWD_CHUNK = 1024
+MAX_CHUNKS = 64  # chunks widen beyond it: a GPU must hold a row's chunks at once
+# Elements a program holds per tensor (ROWS rows of BLOCK), and per warp: 16 per thread forward
+# (h, then y), 8 backward (dy, x̂, g and the output), which keeps sm_90 clear of spills.
+FWD_TILE, FWD_PER_WARP = 4096, 512
+BWD_TILE, BWD_PER_WARP = 2048, 256
+# Backward: about three programs per SM of an H100, in row blocks long enough that the float32
+# partial rows (written once, read once) stay under PARTIAL_SHARE of the backward's bytes.
+TARGET_PROGRAMS = 396
+PARTIAL_SHARE = 0.05
 # FMA contraction stated rather than left to Triton's default, which changes in Triton 3.10
 _OPTIONS = {"enable_fp_fusion": True}
 
@@ -65,15 +88,6 @@ _TL_DTYPE = {
 def _keep(seed, idx, p):
     """Dropout keeps element idx = i*N + j (int64) iff its counter-based uniform is >= p."""
     return tl.rand(seed, idx) >= p
-
-
-@triton.jit
-def _rsqrt(v, COMPUTE: tl.constexpr):
-    # correctly rounded: tl.rsqrt and tl.sqrt are approximations in float32
-    if COMPUTE == tl.float64:
-        return 1.0 / tl.sqrt(v)
-    else:
-        return tl.div_rn(1.0, tl.sqrt_rn(v))
 
 
 @triton.jit
@@ -136,16 +150,13 @@ def _chunk_sums(h, mask, n, IS_RMS: tl.constexpr):
 
 @triton.jit
 def _merge_sums(s1, s2, n_k, k_ok, N, eps, IS_RMS: tl.constexpr, COMPUTE: tl.constexpr):
-    """(mean, rstd) per row from (ROWS, K) chunk sums: Chan's exact merge of the chunk means and
-    squared deviations. For K = 1 it reduces bit for bit to the plain two-pass formulas."""
+    """(mean, rstd) per row from (ROWS, K) chunk sums (merge_moments for LayerNorm)."""
     if IS_RMS:
-        rstd = _rsqrt(tl.sum(s1, axis=1) / N + eps, COMPUTE)
+        rstd = rsqrt_rn(tl.sum(s1, axis=1) / N + eps, COMPUTE)
         mean = rstd  # unused
     else:
-        mean = tl.sum(s1, axis=1) / N
-        dev = s1 / n_k - mean[:, None]
-        var = tl.sum(tl.where(k_ok, s2 + n_k * dev * dev, 0.0), axis=1) / N
-        rstd = _rsqrt(var + eps, COMPUTE)
+        mean, var = merge_moments(s1, s2, n_k, k_ok, N)
+        rstd = rsqrt_rn(var + eps, COMPUTE)
     return mean, rstd
 
 
@@ -176,28 +187,50 @@ def _xhat_and_g(DY, HX, MEAN, RSTD, rows, rows64, cols, mask, row_ok, w, b, stri
 
 
 @triton.jit
-def _load_chunk_sums(S, rows, row_ok, K, KP: tl.constexpr):
-    """The (ROWS, KP) chunk sums S[row, k], zero beyond K."""
-    ks = tl.arange(0, KP)
-    ok = row_ok[:, None] & (ks < K)[None, :]
-    return tl.load(S + rows.to(tl.int64)[:, None] * K + ks[None, :], mask=ok, other=0.0)
+def _store_row_sums(S1, S2, rows, row_ok, k, K, h, mask, shift, N, BLOCK: tl.constexpr,
+                    IS_RMS: tl.constexpr):
+    """Chunk k's sums of the tile's rows (of h - shift for LayerNorm) into S1, S2[row, k]."""
+    if not IS_RMS:
+        h = tl.where(mask, h - shift[:, None], 0.0)
+    s1, s2 = _chunk_sums(h, mask, tl.minimum(N - k * BLOCK, BLOCK), IS_RMS)
+    idx = rows.to(tl.int64) * K + k
+    tl.store(S1 + idx, s1, mask=row_ok)
+    if not IS_RMS:
+        tl.store(S2 + idx, s2, mask=row_ok)
+
+
+@triton.jit
+def _store_grad_sums(C1, C2, rows, row_ok, k, K, g, xhat, IS_RMS: tl.constexpr):
+    """Chunk k's Σg·x̂ (and Σg for LayerNorm) of the tile's rows into C1, C2[row, k]."""
+    idx = rows.to(tl.int64) * K + k
+    tl.store(C1 + idx, tl.sum(g * xhat, axis=1), mask=row_ok)
+    if not IS_RMS:
+        tl.store(C2 + idx, tl.sum(g, axis=1), mask=row_ok)
 
 
 # --- forward -------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _fwd_kernel(X, R, W, B, Y, H, MEAN, RSTD, S1, S2,
-                stride_x, stride_r, M, N, K, eps_hi, eps_lo, seed, p, scale_hi, scale_lo,
-                ROWS: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
+# (the row strides are never specialized: a stride of 1 would become a constant, and they are
+# widened to 64 bits before they meet ALIGN)
+@triton.jit(do_not_specialize=["sx", "sr"])
+def _fwd_kernel(X, R, W, B, Y, H, MEAN, RSTD, S1, S2, SYNCBUF,
+                sx, sr, M, n_al, K, eps_hi, eps_lo, seed, p, scale_hi, scale_lo,
+                ROWS: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr, ALIGN: tl.constexpr,
                 IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                 HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_H: tl.constexpr,
                 ZERO_CENTERED: tl.constexpr, ROUND_XHAT: tl.constexpr, XHAT: tl.constexpr,
-                COMPUTE: tl.constexpr, SPLIT: tl.constexpr):
-    """y = norm(h) on a (ROWS, BLOCK) tile. Grid (cdiv(M, ROWS), 1) fused; (M, K) split, where X
-    is the already-stored h (or x) and S1, S2 hold the (M, K) chunk sums of _fwd_stats_kernel."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+                COMPUTE: tl.constexpr, SPLIT: tl.constexpr, LEADER: tl.constexpr,
+                SYNC: tl.constexpr):
+    """y = norm(h) on a (ROWS, BLOCK) tile: rows tile·ROWS.., columns chunk k. One program per
+    (tile, chunk); S1, S2 are the (M, K) chunk sums of a split row (SPLIT), SYNCBUF the ticket
+    and arrival counters (SYNC). N and the row strides arrive divided by ALIGN."""
+    N = n_al * ALIGN
+    # 64 bits before the product: a stride past 2^31 elements arrives as one below, / ALIGN
+    stride_x, stride_r = sx.to(tl.int64) * ALIGN, sr.to(tl.int64) * ALIGN
+    tile, k = slot(SYNCBUF, K, SYNC)
+    rows = tile * ROWS + tl.arange(0, ROWS)
+    cols = k * BLOCK + tl.arange(0, BLOCK)
     row_ok, col_ok = rows < M, cols < N
     mask = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)[:, None]  # 64-bit offsets: tensors over 2^31 elements
@@ -208,19 +241,39 @@ def _fwd_kernel(X, R, W, B, Y, H, MEAN, RSTD, S1, S2,
     if STORE_H:
         tl.store(H + rows64 * N + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
     if SPLIT:
+        # sums of h - h[row, 0]: with a large row mean (1e4 ± 1) the chunk means would otherwise
+        # carry float32 errors of 1e-3 into Chan's merge, which uses them to first order
+        shift = tl.zeros([ROWS], COMPUTE)
+        if not IS_RMS:
+            shift = _row_shift(X, R, H, rows64, row_ok, stride_x, stride_r, N, seed, p, scale,
+                               HAS_RESIDUAL, HAS_DROPOUT, STORE_H, COMPUTE)
+        if LEADER:
+            if k == 0:
+                for kk in range(K):
+                    kcols = kk * BLOCK + tl.arange(0, BLOCK)
+                    kmask = row_ok[:, None] & (kcols < N)[None, :]
+                    hk = _load_h(X, R, H, rows64, kcols, kmask, stride_x, stride_r, N, seed, p,
+                                 scale, HAS_RESIDUAL, HAS_DROPOUT, STORE_H, COMPUTE)
+                    _store_row_sums(S1, S2, rows, row_ok, kk, K, hk, kmask, shift, N, BLOCK,
+                                    IS_RMS)
+                if SYNC:
+                    publish(SYNCBUF, rows, row_ok, K)
+        else:
+            _store_row_sums(S1, S2, rows, row_ok, k, K, h, mask, shift, N, BLOCK, IS_RMS)
+            publish(SYNCBUF, rows, row_ok, 1)
+        if SYNC:
+            wait(SYNCBUF, rows, row_ok, K)
         ks = tl.arange(0, KP)
         n_k = tl.maximum(tl.minimum(N - ks * BLOCK, BLOCK), 1).to(COMPUTE)[None, :]
-        s1 = _load_chunk_sums(S1, rows, row_ok, K, KP)
-        s2 = _load_chunk_sums(S2, rows, row_ok, K, KP)
+        s1 = load_sums(S1, rows, row_ok, K, KP)
+        s2 = load_sums(S2, rows, row_ok, K, KP)
         mean, rstd = _merge_sums(s1, s2, n_k, (ks < K)[None, :], N, eps, IS_RMS, COMPUTE)
-        if not IS_RMS:  # the chunk sums are of h - h[row, 0]
-            mean += _row_shift(X, R, H, rows64, row_ok, stride_x, stride_r, N, seed, p, scale,
-                               HAS_RESIDUAL, HAS_DROPOUT, STORE_H, COMPUTE)
+        mean += shift
     else:
         s1, s2 = _chunk_sums(h, mask, N, IS_RMS)
         mean, rstd = _merge_sums(s1[:, None], s2[:, None], N, True, N, eps, IS_RMS, COMPUTE)
     # every chunk of a row computes the same statistics; the first one stores them
-    first = row_ok & (tl.zeros([ROWS], tl.int32) == tl.program_id(1))
+    first = row_ok & (tl.zeros([ROWS], tl.int32) + k == 0)
     tl.store(RSTD + rows, rstd, mask=first)
     if IS_RMS:
         xhat = h * rstd[:, None]
@@ -238,81 +291,34 @@ def _fwd_kernel(X, R, W, B, Y, H, MEAN, RSTD, S1, S2,
     tl.store(Y + rows64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _fwd_stats_kernel(X, R, H, S1, S2, stride_x, stride_r, M, N, K, seed, p, scale_hi,
-                      scale_lo, BLOCK: tl.constexpr, IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                      HAS_DROPOUT: tl.constexpr, STORE_H: tl.constexpr, COMPUTE: tl.constexpr):
-    """Split path, grid (M, K): h for one chunk of a row (stored, rounded), and its sums."""
-    rows = tl.program_id(0) + tl.arange(0, 1)
-    k = tl.program_id(1)
-    cols = k * BLOCK + tl.arange(0, BLOCK)
-    row_ok = rows < M
-    mask = row_ok[:, None] & (cols < N)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    scale = tl.cast(scale_hi, COMPUTE) + tl.cast(scale_lo, COMPUTE)
-    h = _load_h(X, R, H, rows64, cols, mask, stride_x, stride_r, N, seed, p, scale,
-                HAS_RESIDUAL, HAS_DROPOUT, STORE_H, COMPUTE)
-    if STORE_H:
-        tl.store(H + rows64 * N + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
-    if not IS_RMS:
-        # sums of h - h[row, 0]: with a large row mean (1e4 ± 1) the chunk means would otherwise
-        # carry float32 errors of 1e-3 into Chan's merge, which uses them to first order
-        shift = _row_shift(X, R, H, rows64, row_ok, stride_x, stride_r, N, seed, p, scale,
-                           HAS_RESIDUAL, HAS_DROPOUT, STORE_H, COMPUTE)
-        h = tl.where(mask, h - shift[:, None], 0.0)
-    s1, s2 = _chunk_sums(h, mask, tl.minimum(N - k * BLOCK, BLOCK), IS_RMS)
-    idx = rows.to(tl.int64) * K + k
-    tl.store(S1 + idx, s1, mask=row_ok)
-    if not IS_RMS:
-        tl.store(S2 + idx, s2, mask=row_ok)
-
-
 # --- backward ------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _bwd_stats_kernel(DY, HX, W, B, MEAN, RSTD, C1, C2, stride_dy, stride_h, M, N, K,
-                      BLOCK: tl.constexpr, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
-                      HAS_B: tl.constexpr, ZERO_CENTERED: tl.constexpr,
-                      FROM_OUTPUT: tl.constexpr, COMPUTE: tl.constexpr):
-    """Split path, grid (M, K): Σg·x̂ and Σg over one chunk of a row."""
-    rows = tl.program_id(0) + tl.arange(0, 1)
-    k = tl.program_id(1)
-    cols = k * BLOCK + tl.arange(0, BLOCK)
-    row_ok, col_ok = rows < M, cols < N
-    mask = row_ok[:, None] & col_ok[None, :]
-    w, b = _params(W, B, cols, col_ok, HAS_W, HAS_B, ZERO_CENTERED, BLOCK, COMPUTE)
-    _, xhat, g, _ = _xhat_and_g(DY, HX, MEAN, RSTD, rows, rows.to(tl.int64)[:, None], cols,
-                                mask, row_ok, w, b, stride_dy, stride_h,
-                                IS_RMS, HAS_W, HAS_B, FROM_OUTPUT, COMPUTE)
-    idx = rows.to(tl.int64) * K + k
-    tl.store(C1 + idx, tl.sum(g * xhat, axis=1), mask=row_ok)
-    if not IS_RMS:
-        tl.store(C2 + idx, tl.sum(g, axis=1), mask=row_ok)
-
-
-@triton.jit
-def _bwd_kernel(DY, HX, W, B, MEAN, RSTD, DH_OUT, DX, DRES, DW_PART, DB_PART, C1, C2,
-                stride_dy, stride_h, stride_dho, M, N, K, rows_per_program, seed, p,
-                scale_hi, scale_lo,
-                ROWS: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
+@triton.jit(do_not_specialize=["sdy", "sh", "sdho"])
+def _bwd_kernel(DY, HX, W, B, MEAN, RSTD, DH_OUT, DX, DRES, DW, DB, C1, C2, SYNCBUF,
+                sdy, sh, sdho, M, n_al, K, rows_per_program, seed, p, scale_hi, scale_lo,
+                ROWS: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr, ALIGN: tl.constexpr,
                 IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                 ZERO_CENTERED: tl.constexpr, FROM_OUTPUT: tl.constexpr,
                 HAS_DH_OUT: tl.constexpr, STORE_DRES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 DW_GRAD: tl.constexpr, DB_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
-                SPLIT: tl.constexpr):
-    """dx (and dresidual) for the rows of block program_id(0), columns chunk program_id(1), and
-    that block's dweight/dbias partial row. Grid (G, 1) fused; (G, K) split, where C1, C2 hold
-    the (M, K) chunk sums of _bwd_stats_kernel."""
-    pid = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+                SPLIT: tl.constexpr, LEADER: tl.constexpr, SYNC: tl.constexpr):
+    """dx (and dresidual) for the rows of block `blk`, columns chunk k, and that block's
+    dweight/dbias row of those columns (DW, DB: the final gradients when there is one block,
+    else (G, N) float32 partial rows). C1, C2: the (M, K) chunk sums of a split row."""
+    N = n_al * ALIGN
+    stride_dy = sdy.to(tl.int64) * ALIGN  # 64 bits before the product (see _fwd_kernel)
+    stride_h, stride_dho = sh.to(tl.int64) * ALIGN, sdho.to(tl.int64) * ALIGN
+    blk, k = slot(SYNCBUF, K, SYNC)
+    cols = k * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < N
-    w, b = _params(W, B, cols, col_ok, HAS_W, HAS_B, ZERO_CENTERED, BLOCK, COMPUTE)
+    # the bias only enters x̂ recomputed from the output
+    w, b = _params(W, B, cols, col_ok, HAS_W, HAS_B and FROM_OUTPUT, ZERO_CENTERED, BLOCK,
+                   COMPUTE)
     scale = tl.cast(scale_hi, COMPUTE) + tl.cast(scale_lo, COMPUTE)
-    # (ROWS, BLOCK) accumulators, reduced over rows once at the end rather than every tile
-    dw_acc = tl.zeros([ROWS, BLOCK], COMPUTE)
-    db_acc = tl.zeros([ROWS, BLOCK], COMPUTE)
-    row_start = pid * rows_per_program
+    dw_acc = tl.zeros([BLOCK], COMPUTE)
+    db_acc = tl.zeros([BLOCK], COMPUTE)
+    row_start = blk * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     for r0 in range(row_start, row_end, ROWS):
         rows = r0 + tl.arange(0, ROWS)
@@ -323,8 +329,29 @@ def _bwd_kernel(DY, HX, W, B, MEAN, RSTD, DH_OUT, DX, DRES, DW_PART, DB_PART, C1
                                         w, b, stride_dy, stride_h,
                                         IS_RMS, HAS_W, HAS_B, FROM_OUTPUT, COMPUTE)
         if SPLIT:
-            c1 = tl.sum(_load_chunk_sums(C1, rows, row_ok, K, KP), axis=1) / N
-            c2 = tl.sum(_load_chunk_sums(C2, rows, row_ok, K, KP), axis=1) / N
+            if LEADER:
+                if k == 0:
+                    for kk in range(K):
+                        kcols = kk * BLOCK + tl.arange(0, BLOCK)
+                        kok = kcols < N
+                        kmask = row_ok[:, None] & kok[None, :]
+                        wk, bk = _params(W, B, kcols, kok, HAS_W, HAS_B and FROM_OUTPUT,
+                                         ZERO_CENTERED, BLOCK, COMPUTE)
+                        _, xk, gk, _ = _xhat_and_g(DY, HX, MEAN, RSTD, rows, rows64, kcols,
+                                                   kmask, row_ok, wk, bk, stride_dy, stride_h,
+                                                   IS_RMS, HAS_W, HAS_B, FROM_OUTPUT, COMPUTE)
+                        _store_grad_sums(C1, C2, rows, row_ok, kk, K, gk, xk, IS_RMS)
+                    if SYNC:
+                        publish(SYNCBUF, rows, row_ok, K)
+            else:
+                _store_grad_sums(C1, C2, rows, row_ok, k, K, g, xhat, IS_RMS)
+                publish(SYNCBUF, rows, row_ok, 1)
+            if SYNC:
+                wait(SYNCBUF, rows, row_ok, K)
+            c1 = tl.sum(load_sums(C1, rows, row_ok, K, KP), axis=1) / N
+            c2 = c1
+            if not IS_RMS:
+                c2 = tl.sum(load_sums(C2, rows, row_ok, K, KP), axis=1) / N
         else:
             c1 = tl.sum(g * xhat, axis=1) / N
             c2 = tl.sum(g, axis=1) / N
@@ -342,36 +369,14 @@ def _bwd_kernel(DY, HX, W, B, MEAN, RSTD, DH_OUT, DX, DRES, DW_PART, DB_PART, C1
             dh = dh * tl.where(_keep(seed, out, p), scale, 0.0)
         tl.store(DX + out, dh.to(DX.dtype.element_ty), mask=mask)
         if DW_GRAD:
-            dw_acc += dy * xhat
+            dw_acc += tl.sum(dy * xhat, axis=0)
         if DB_GRAD:
-            db_acc += dy
-    part = pid.to(tl.int64) * N + cols
+            db_acc += tl.sum(dy, axis=0)
+    part = blk.to(tl.int64) * N + cols
     if DW_GRAD:
-        tl.store(DW_PART + part, tl.sum(dw_acc, axis=0), mask=col_ok)
+        tl.store(DW + part, dw_acc.to(DW.dtype.element_ty), mask=col_ok)
     if DB_GRAD:
-        tl.store(DB_PART + part, tl.sum(db_acc, axis=0), mask=col_ok)
-
-
-@triton.jit
-def _sum_partials_kernel(DW_PART, DB_PART, DW, DB, G, N, GB: tl.constexpr, RB: tl.constexpr,
-                         DW_GRAD: tl.constexpr, DB_GRAD: tl.constexpr, COMPUTE: tl.constexpr):
-    """dweight/dbias = the sum of the G partial rows, in a fixed order, for RB columns."""
-    cols = tl.program_id(0) * RB + tl.arange(0, RB)
-    col_ok = cols < N
-    acc_w = tl.zeros([GB, RB], COMPUTE)
-    acc_b = tl.zeros([GB, RB], COMPUTE)
-    for g0 in range(0, G, GB):
-        gs = g0 + tl.arange(0, GB)
-        ok = (gs < G)[:, None] & col_ok[None, :]
-        offs = gs.to(tl.int64)[:, None] * N + cols[None, :]
-        if DW_GRAD:
-            acc_w += tl.load(DW_PART + offs, mask=ok, other=0.0)
-        if DB_GRAD:
-            acc_b += tl.load(DB_PART + offs, mask=ok, other=0.0)
-    if DW_GRAD:
-        tl.store(DW + cols, tl.sum(acc_w, axis=0).to(DW.dtype.element_ty), mask=col_ok)
-    if DB_GRAD:
-        tl.store(DB + cols, tl.sum(acc_b, axis=0).to(DB.dtype.element_ty), mask=col_ok)
+        tl.store(DB + part, db_acc.to(DB.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
@@ -386,52 +391,45 @@ def _keep_mask_kernel(MASK, N, seed, p, BLOCK: tl.constexpr):
 
 
 class _Config(NamedTuple):
-    split: bool
+    split: bool  # k > 1
     block: int  # columns per program (a power of two)
     rows: int  # rows per tile
-    k: int  # chunks per row (1 unless split)
+    k: int  # chunks per row
     kp: int  # k rounded up to a power of two
     num_warps: int
 
 
 @functools.cache
-def _config(n: int, max_block: int, split_block: int, tile: int, per_warp: int) -> _Config:
+def _config(n: int, fused_max: int, chunk: int, max_chunks: int, tile: int,
+            per_warp: int) -> _Config:
     block = triton.next_power_of_2(n)
-    if block <= max_block:
-        split, rows, k = False, max(1, tile // block), 1
-    else:
-        split, block, rows, k = True, split_block, 1, triton.cdiv(n, split_block)
-    # warps grow with the tile: per_warp elements per warp (16 per thread forward, 8 backward,
-    # which also holds dy and the gradient accumulators) keep sm_90 below its register limit
+    if block > fused_max:
+        block = max(chunk, triton.next_power_of_2(triton.cdiv(n, max_chunks)))
+    k = triton.cdiv(n, block)
+    rows = max(1, tile // block)
     num_warps = min(32, max(1, rows * block // per_warp))
-    return _Config(split, block, rows, k, triton.next_power_of_2(k), num_warps)
+    return _Config(k > 1, block, rows, k, triton.next_power_of_2(k), num_warps)
 
 
 def _fwd_config(n: int) -> _Config:
-    return _config(n, FWD_MAX_BLOCK, SPLIT_BLOCK, FWD_TILE, 512)
+    return _config(n, FWD_FUSED_MAX, FWD_CHUNK, MAX_CHUNKS, FWD_TILE, FWD_PER_WARP)
 
 
 def _bwd_config(n: int) -> _Config:
-    return _config(n, BWD_MAX_BLOCK, SPLIT_BLOCK, BWD_TILE, 256)
+    return _config(n, BWD_FUSED_MAX, BWD_CHUNK, MAX_CHUNKS, BWD_TILE, BWD_PER_WARP)
 
 
-def _bwd_grid(m: int, n: int, rows: int, k: int) -> tuple[int, int]:
-    """(G, rows per program): G contiguous blocks of rows, from M and N only."""
-    limits = (BWD_MIN_PROGRAMS, BWD_MAX_PROGRAMS, BWD_BLOCK_ROWS, PARTIAL_BUDGET)
-    return _row_blocks(m, n, rows, k, *limits)
+def _min_rows(partial_bytes: int, row_bytes: int) -> int:
+    """Rows per block that keep a block's partial row (partial_bytes per column: written once,
+    read once) under PARTIAL_SHARE of the bytes its rows move (row_bytes per column)."""
+    return max(1, math.ceil(partial_bytes / (PARTIAL_SHARE * row_bytes)))
 
 
-@functools.lru_cache(maxsize=4096)
-def _row_blocks(m: int, n: int, rows: int, k: int, min_programs: int, max_programs: int,
-                block_rows: int, budget: int) -> tuple[int, int]:
-    g = min(
-        triton.cdiv(m, rows),
-        max(triton.cdiv(min_programs, k), triton.cdiv(m, block_rows)),
-        max(1, max_programs // k),
-        max(1, budget // n),
-    )
-    per_program = triton.cdiv(triton.cdiv(m, g), rows) * rows
-    return triton.cdiv(m, per_program), per_program
+def _bwd_grid(m: int, cfg: _Config, min_rows: int) -> tuple[int, int]:
+    """(G, rows per block): G blocks of contiguous rows, from M, N and the dtypes only."""
+    g = max(1, min(triton.cdiv(TARGET_PROGRAMS, cfg.k), m // min_rows))
+    per_block = triton.cdiv(triton.cdiv(m, g), cfg.rows) * cfg.rows
+    return triton.cdiv(m, per_block), per_block
 
 
 @functools.lru_cache(maxsize=64)
@@ -464,23 +462,10 @@ def _unit_rows(t: Tensor | None) -> Tensor | None:
     return t
 
 
-def _on_device(fn):
-    """Launch on the input's GPU (Triton launches on the current device), so cuda:1 works."""
-
-    @functools.wraps(fn)
-    def wrapper(first, *args, **kwargs):
-        if first.is_cuda and first.device.index != torch.cuda.current_device():
-            with torch.cuda.device(first.device):
-                return fn(first, *args, **kwargs)
-        return fn(first, *args, **kwargs)
-
-    return wrapper
-
-
 # --- launchers -----------------------------------------------------------------------------------
 
 
-@_on_device
+@on_device
 def norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
              eps: float, is_rms: bool, zero_centered: bool, dropout_p: float, seed: int,
              out_dtype: torch.dtype, residual_dtype: torch.dtype | None,
@@ -489,7 +474,7 @@ def norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Te
     x, residual = _unit_rows(x), _unit_rows(residual)
     m, n = x.shape
     dev = x.device
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(x.dtype)
     has_h = residual is not None or dropout_p > 0
     y = torch.empty((m, n), dtype=out_dtype, device=dev)
     h = torch.empty((m, n) if has_h else (0,), dtype=residual_dtype or x.dtype, device=dev)
@@ -500,47 +485,30 @@ def norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Te
         rstd.fill_(math.nan)  # torch's statistics of an empty row
         return y, h, mean, rstd
     cfg = _fwd_config(n)
-    p, scale = float(dropout_p), _scalar(_dropout_scale(dropout_p), compute)
-    eps = _scalar(eps, compute)
-    seed = _seed(seed)
     r = x if residual is None else residual
-    flags = {
-        "IS_RMS": is_rms, "HAS_W": weight is not None, "HAS_B": bias is not None,
-        "ZERO_CENTERED": zero_centered,
-        "ROUND_XHAT": xhat_dtype is not None and xhat_dtype != compute,
-        "XHAT": _TL_DTYPE[xhat_dtype or compute], "COMPUTE": _TL_DTYPE[compute],
-        "BLOCK": cfg.block, "ROWS": cfg.rows, "KP": cfg.kp, "SPLIT": cfg.split,
-        "num_warps": cfg.num_warps, **_OPTIONS,
-    }  # fmt: skip
-    w = x if weight is None else weight
-    b = x if bias is None else bias
-    mean_arg = rstd if is_rms else mean  # never read for RMSNorm
-    if not cfg.split:
-        _fwd_kernel[(triton.cdiv(m, cfg.rows), 1)](
-            x, r, w, b, y, h if has_h else x, mean_arg, rstd, rstd, rstd,
-            x.stride(0), r.stride(0), m, n, 1, *eps, seed, p, *scale,
-            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0, STORE_H=has_h,
-            **flags,
-        )  # fmt: skip
-        return y, h, mean, rstd
-    s1 = torch.empty((m, cfg.k), dtype=compute, device=dev)
-    s2 = s1 if is_rms else torch.empty_like(s1)
-    _fwd_stats_kernel[(m, cfg.k)](
-        x, r, h if has_h else x, s1, s2, x.stride(0), r.stride(0), m, n, cfg.k, seed, p, *scale,
-        BLOCK=cfg.block, IS_RMS=is_rms, HAS_RESIDUAL=residual is not None,
-        HAS_DROPOUT=dropout_p > 0, STORE_H=has_h, COMPUTE=flags["COMPUTE"],
-        num_warps=cfg.num_warps, **_OPTIONS,
-    )  # fmt: skip
-    src = h if has_h else x  # the second pass reads the stored h
-    _fwd_kernel[(m, cfg.k)](
-        src, src, w, b, y, src, mean_arg, rstd, s1, s2,
-        src.stride(0), src.stride(0), m, n, cfg.k, *eps, seed, p, *scale,
-        HAS_RESIDUAL=False, HAS_DROPOUT=False, STORE_H=False, **flags,
+    align = alignment(n, x.stride(0), r.stride(0))
+    leader, sync = sync_flags(dev, cfg.k) if cfg.split else (False, False)
+    s1 = s2 = rstd
+    if cfg.split:
+        s1 = torch.empty((m, cfg.k), dtype=compute, device=dev)
+        s2 = s1 if is_rms else torch.empty_like(s1)
+    _fwd_kernel[(triton.cdiv(m, cfg.rows), cfg.k)](
+        x, r, x if weight is None else weight, x if bias is None else bias, y,
+        h if has_h else x, rstd if is_rms else mean, rstd, s1, s2,
+        sync_buffer(dev, m, sync, rstd), x.stride(0) // align, r.stride(0) // align, m,
+        n // align, cfg.k, *_scalar(eps, compute), _seed(seed), float(dropout_p),
+        *_scalar(_dropout_scale(dropout_p), compute),
+        ROWS=cfg.rows, BLOCK=cfg.block, KP=cfg.kp, ALIGN=align, IS_RMS=is_rms,
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_RESIDUAL=residual is not None,
+        HAS_DROPOUT=dropout_p > 0, STORE_H=has_h, ZERO_CENTERED=zero_centered,
+        ROUND_XHAT=xhat_dtype is not None and xhat_dtype != compute,
+        XHAT=_TL_DTYPE[xhat_dtype or compute], COMPUTE=_TL_DTYPE[compute], SPLIT=cfg.split,
+        LEADER=leader, SYNC=sync, num_warps=cfg.num_warps, **_OPTIONS,
     )  # fmt: skip
     return y, h, mean, rstd
 
 
-@_on_device
+@on_device
 def norm_bwd(dy: Tensor, h: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
              rstd: Tensor, dh_out: Tensor | None, eps: float, is_rms: bool, zero_centered: bool,
              dropout_p: float, seed: int, has_residual: bool, x_dtype: torch.dtype,
@@ -556,51 +524,41 @@ def norm_bwd(dy: Tensor, h: Tensor, weight: Tensor | None, bias: Tensor | None, 
                        device=dev)
     dw_grad = need_weight_grad and weight is not None
     db_grad = need_weight_grad and bias is not None
+    dw = torch.empty(n, dtype=weight.dtype, device=dev) if dw_grad else None
+    db = torch.empty(n, dtype=bias.dtype, device=dev) if db_grad else None
     if m == 0 or n == 0:
-        dw = torch.zeros(n, dtype=weight.dtype, device=dev) if dw_grad else None
-        db = torch.zeros(n, dtype=bias.dtype, device=dev) if db_grad else None
-        return dx, dres, dw, db
+        return dx, dres, dw if dw is None else dw.zero_(), db if db is None else db.zero_()
     cfg = _bwd_config(n)
-    g, per_program = _bwd_grid(m, n, cfg.rows, cfg.k)
-    p, scale = float(dropout_p), _scalar(_dropout_scale(dropout_p), compute)
-    w = dy if weight is None else weight
-    b = dy if bias is None else bias
-    mean_arg = mean if mean.numel() else rstd  # never read for RMSNorm or from_output
-    flags = {
-        "IS_RMS": is_rms, "HAS_W": weight is not None, "HAS_B": bias is not None,
-        "ZERO_CENTERED": zero_centered, "FROM_OUTPUT": from_output,
-        "COMPUTE": _TL_DTYPE[compute], "BLOCK": cfg.block, "num_warps": cfg.num_warps,
-        **_OPTIONS,
-    }  # fmt: skip
+    dho = dy if dh_out is None else dh_out
+    row_bytes = (dy.element_size() + h.element_size() + dx.element_size()
+                 + (dh_out is not None) * dho.element_size() + has_residual * dres.element_size())
+    partial_bytes = 2 * torch.finfo(compute).bits // 8 * (dw_grad + db_grad)
+    g, per_block = _bwd_grid(m, cfg, _min_rows(partial_bytes, row_bytes))
+    align = alignment(n, dy.stride(0), h.stride(0), dho.stride(0))
+    leader, sync = sync_flags(dev, cfg.k) if cfg.split else (False, False)
     c1 = c2 = rstd
     if cfg.split:
         c1 = torch.empty((m, cfg.k), dtype=compute, device=dev)
         c2 = c1 if is_rms else torch.empty_like(c1)
-        _bwd_stats_kernel[(m, cfg.k)](
-            dy, h, w, b, mean_arg, rstd, c1, c2, dy.stride(0), h.stride(0), m, n, cfg.k,
-            **flags,
-        )  # fmt: skip
-    dw_part = torch.empty((g, n), dtype=compute, device=dev) if dw_grad else rstd
-    db_part = torch.empty((g, n), dtype=compute, device=dev) if db_grad else rstd
-    dho = dy if dh_out is None else dh_out
+    # one block: its rows are all the rows, and it writes the gradients themselves
+    dw_part = dw if g == 1 or not dw_grad else torch.empty((g, n), dtype=compute, device=dev)
+    db_part = db if g == 1 or not db_grad else torch.empty((g, n), dtype=compute, device=dev)
     _bwd_kernel[(g, cfg.k)](
-        dy, h, w, b, mean_arg, rstd, dho, dx, dres if has_residual else dx, dw_part, db_part,
-        c1, c2, dy.stride(0), h.stride(0), dho.stride(0), m, n, cfg.k, per_program,
-        _seed(seed), p, *scale,
-        ROWS=cfg.rows, KP=cfg.kp, HAS_DH_OUT=dh_out is not None, STORE_DRES=has_residual,
-        HAS_DROPOUT=dropout_p > 0, DW_GRAD=dw_grad, DB_GRAD=db_grad, SPLIT=cfg.split,
-        num_stages=1, **flags,
+        dy, h, dy if weight is None else weight, dy if bias is None else bias,
+        mean if mean.numel() else rstd, rstd, dho, dx, dres if has_residual else dx,
+        dx if dw_part is None else dw_part, dx if db_part is None else db_part, c1, c2,
+        sync_buffer(dev, m, sync, rstd), dy.stride(0) // align, h.stride(0) // align,
+        dho.stride(0) // align, m, n // align, cfg.k, per_block, _seed(seed), float(dropout_p),
+        *_scalar(_dropout_scale(dropout_p), compute),
+        ROWS=cfg.rows, BLOCK=cfg.block, KP=cfg.kp, ALIGN=align, IS_RMS=is_rms,
+        HAS_W=weight is not None, HAS_B=bias is not None, ZERO_CENTERED=zero_centered,
+        FROM_OUTPUT=from_output, HAS_DH_OUT=dh_out is not None, STORE_DRES=has_residual,
+        HAS_DROPOUT=dropout_p > 0, DW_GRAD=dw_grad, DB_GRAD=db_grad,
+        COMPUTE=_TL_DTYPE[compute], SPLIT=cfg.split, LEADER=leader, SYNC=sync,
+        num_warps=cfg.num_warps, num_stages=1, **_OPTIONS,
     )  # fmt: skip
-    dw = db = None
-    if dw_grad or db_grad:
-        dw = torch.empty(n, dtype=weight.dtype, device=dev) if dw_grad else None
-        db = torch.empty(n, dtype=bias.dtype, device=dev) if db_grad else None
-        rb = min(64, triton.next_power_of_2(n))  # narrow column blocks: many programs
-        _sum_partials_kernel[(triton.cdiv(n, rb),)](
-            dw_part, db_part, dw if dw_grad else dx, db if db_grad else dx, g, n,
-            GB=SUM_ROWS, RB=rb, DW_GRAD=dw_grad, DB_GRAD=db_grad, COMPUTE=_TL_DTYPE[compute],
-            num_warps=4, num_stages=1, **_OPTIONS,
-        )  # fmt: skip
+    if g > 1 and (dw_grad or db_grad):
+        sum_partial_rows(dw_part if dw_grad else None, db_part if db_grad else None, dw, db)
     return dx, dres, dw, db
 
 
@@ -613,8 +571,8 @@ def dropout_keep_mask(seed: int, M: int, N: int, p: float, device="cpu") -> Tens
     return mask
 
 
-@_on_device
+@on_device
 def _launch_keep_mask(mask: Tensor, seed: int, p: float) -> None:
     m, n = mask.shape
-    block = min(SPLIT_BLOCK, triton.next_power_of_2(n))
+    block = min(FWD_TILE, triton.next_power_of_2(n))
     _keep_mask_kernel[(m, triton.cdiv(n, block))](mask, n, seed, p, BLOCK=block, **_OPTIONS)
