@@ -192,6 +192,42 @@ def test_group_norm_plan_never_serves_another_signature():
     assert xg.grad is not None
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "residual", "group_norm"])
+def test_fast_apply_unwraps_a_tensor_left_by_a_functorch_transform(op):
+    """A tensor kept from inside torch.func.grad is a dead functorch wrapper, with no storage for
+    a kernel to read: torch's ops (and `Function.apply`) unwrap it, and so do the plans, with
+    grad and without (the Functions are called without torch's Python `apply`,
+    _autograd.py)."""
+    kept = {}
+
+    def keep(x):
+        kept["x"] = x
+        return x.sum()
+
+    x = randn(4, 8, 3, requires_grad=True)
+    torch.func.grad(keep)(x)
+    with torch.no_grad():
+        torch.func.grad(keep)(x.detach())
+        nograd = kept["x"]
+        expected = (F.layer_norm(x, (3,)) if op != "group_norm" else F.group_norm(x, 2))
+        ours = (fusednorm.layer_norm(nograd, (3,)) if op != "group_norm"
+                else fusednorm.group_norm(nograd, 2))
+        torch.testing.assert_close(ours, expected)
+    torch.func.grad(keep)(x)
+    dead, w, b, r = kept["x"], randn(3).requires_grad_(), randn(3), randn(4, 8, 3)
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    if op == "layer_norm":
+        ours, theirs = fusednorm.layer_norm(dead, (3,), w, b), F.layer_norm(x, (3,), w, b)
+    elif op == "residual":
+        ours = fusednorm.layer_norm(dead, (3,), w, b, residual=r)[0]
+        theirs = F.layer_norm(x + r, (3,), w, b)
+    else:
+        w8 = randn(8).requires_grad_()
+        ours, theirs = fusednorm.group_norm(dead, 2, w8), F.group_norm(x, 2, w8)
+    torch.testing.assert_close(ours, theirs)
+    ours.sum().backward()
+
+
 def test_a_kernel_that_raises_reports_and_aborts(tmp_path):
     """numba's error paths, never taken by fusednorm's kernels, are bound to a stub that says
     what happened before aborting (a raw abort() would leave no trace)."""

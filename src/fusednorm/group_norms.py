@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fusednorm import _backend
 from fusednorm._autocast import autocast_cast, casts
+from fusednorm._autograd import fast_apply, unwrap_if_dead
 from fusednorm._backend import kernels, resolve
 from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
 from fusednorm._layout import as_ncs, from_layout, layout_strides
@@ -238,9 +239,13 @@ class _GroupNormFast(torch.autograd.Function):
         if dy.stride() != plan.stride or dy.dtype != x.dtype:
             dy = torch.empty_like(x).copy_(dy)  # into x's layout and dtype
         dx, dw, db = plan.kernels.backward(dy, x, w, b, stats)
-        return (dx if ctx.needs_input_grad[0] else None,
-                dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
-                db.to(bias.dtype) if ctx.needs_input_grad[2] else None, None)
+        need = ctx.needs_input_grad
+        return (dx if need[0] else None,
+                (dw if dw.dtype == weight.dtype else dw.to(weight.dtype)) if need[1] else None,
+                (db if db.dtype == bias.dtype else db.to(bias.dtype)) if need[2] else None, None)
+
+
+_group_norm_fast = fast_apply(_GroupNormFast)
 
 
 _PLANS: dict[tuple, _GroupPlan] = {}
@@ -254,9 +259,10 @@ def _tensor_signature(t):
 def _plan(input, num_groups, weight, bias, eps, silu) -> _GroupPlan:
     if type(input) is not Tensor:
         return _GroupPlan(input, num_groups, weight, bias, eps, silu)
-    key = (input.shape, input.stride(), input.dtype, input.device, input.requires_grad,
+    device = input.device
+    key = (input.shape, input.stride(), input.dtype, device, input.requires_grad,
            num_groups, _tensor_signature(weight), _tensor_signature(bias), eps, silu,
-           torch.is_grad_enabled(), _backend._current, casts(input.device.type))
+           torch.is_grad_enabled(), _backend._current, casts(device.type))
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= 4096:
@@ -281,10 +287,12 @@ def group_norm(
     """
     silu = _silu_flag(activation)
     if not torch.compiler.is_compiling():
+        if type(input) is Tensor:
+            input = unwrap_if_dead(input)
         plan = _plan(input, num_groups, weight, bias, eps, silu)
         if plan.fast:
             if plan.needs_grad:
-                return _GroupNormFast.apply(input, weight, bias, plan)
+                return _group_norm_fast(input, weight, bias, plan)
             return plan.kernels.forward(input, *plan.params(weight, bias))[0]
     input, weight, bias = autocast_cast("group_norm", input, weight, bias)
     if not _group_norm_ok(input, num_groups, weight, bias, eps):

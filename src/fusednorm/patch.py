@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import fusednorm
+from fusednorm import fused_layers
 from fusednorm._checks import HALF_DTYPES, compute_dtype
 from fusednorm.row_norm import layer_norm, rms_norm
 
@@ -175,8 +176,14 @@ class HFNorm(nn.Module):
         super().__init__()
         self._fusednorm_rule = rule
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None):
+        """The norm of hidden_states; with ``residual`` (a decoder layer patched with
+        fuse_residual=True), ``(norm(h), h)`` where h = residual + hidden_states, in one pass."""
         rule, x = self._fusednorm_rule, hidden_states
+        if residual is not None and residual.dtype != x.dtype:
+            # torch's add promotes, the kernels keep the residual's dtype: add as torch does
+            h = residual + x
+            return self.forward(h), h
         w = self.weight if rule.weighted else None
         xhat_dtype, out_dtype = rule.casts(x.dtype, x.dtype if w is None else w.dtype)
         if w is not None and w.dtype != x.dtype and not (
@@ -189,7 +196,8 @@ class HFNorm(nn.Module):
             w = w.to(compute_dtype(x.dtype))
         norm = rms_norm if rule.is_rms else layer_norm
         return norm(x, x.shape[-1:], w, eps=getattr(self, rule.eps), out_dtype=out_dtype,
-                    xhat_dtype=xhat_dtype, zero_centered_weight=rule.zero_centered)
+                    xhat_dtype=xhat_dtype, zero_centered_weight=rule.zero_centered,
+                    residual=residual)
 
     def extra_repr(self) -> str:
         shape = f"{tuple(self.weight.shape)}, " if self._fusednorm_rule.weighted else ""
@@ -203,18 +211,26 @@ class PatchReport:
 
     replaced: dict[str, str] = field(default_factory=dict)
     left_alone: dict[str, str] = field(default_factory=dict)  # norm-like, not recognised
+    fused_residual: dict[str, str] = field(default_factory=dict)  # decoder layers
 
     def __str__(self) -> str:
         def count(d):
             return ", ".join(f"{k} x{n}" for k, n in Counter(d.values()).items()) or "nothing"
-        return f"fusednorm.patch replaced {count(self.replaced)}; left alone {count(self.left_alone)}"
+        fused = (f"; fused the residual add in {count(self.fused_residual)}"
+                 if self.fused_residual else "")
+        return (f"fusednorm.patch replaced {count(self.replaced)}{fused}; left alone "
+                f"{count(self.left_alone)}")
 
 
-def patch(model: nn.Module) -> PatchReport:
+def patch(model: nn.Module, *, fuse_residual: bool = False) -> PatchReport:
     """Replace, in place, the norms inside ``model`` by fusednorm's, keeping their Parameter
     objects, state_dict keys and numerics. Returns what was replaced and the norm-like modules
     left alone; raises NotImplementedError, before changing anything, for a recognised norm it
-    cannot reproduce. ``unpatch(model)`` restores the original modules."""
+    cannot reproduce. ``unpatch(model)`` restores the original modules.
+
+    ``fuse_residual=True`` also fuses, in each Hugging Face decoder layer, the residual add that
+    precedes a norm into that norm (see fusednorm.fused_layers); a decoder layer whose forward
+    fusednorm does not know raises NotImplementedError, before anything is changed."""
     _expect_module("patch", model, "the model whose norms it replaces in place")
     report, plan, new_of = PatchReport(), [], {}
     for path, parent in model.named_modules():
@@ -231,9 +247,48 @@ def patch(model: nn.Module) -> PatchReport:
                     report.left_alone[where] = type(child).__name__
             if new_of[id(child)] is not None:
                 plan.append((parent, name, new_of[id(child)]))
+    layers = _fusable_layers(model, new_of) if fuse_residual else []
     for parent, name, new in plan:
         setattr(parent, name, new)
+    for where, layer, cls in layers:
+        report.fused_residual[where] = type(layer).__name__
+        layer.__class__ = cls
     return report
+
+
+def _fusable_layers(model: nn.Module, new_of: dict) -> list[tuple[str, nn.Module, type]]:
+    """(path, layer, fused class) of each decoder layer not fused yet; raises for one that
+    cannot be fused, and when there is none at all (a patch that would silently do nothing)."""
+    layers, seen = [], False
+    for where, layer in model.named_modules():
+        if not fused_layers.is_decoder_layer(layer):
+            continue
+        seen = True
+        if "_fusednorm_unfused" in vars(type(layer)):
+            continue  # fused by an earlier patch
+        if "forward" in vars(layer):
+            _fail(layer, where, "its forward was replaced on the instance (by a hooks library "
+                                "such as accelerate?); patch the model before that")
+        try:
+            cls = fused_layers.fused_class(type(layer))
+        except fused_layers.UnknownLayer as e:
+            _fail(layer, where, f"fuse_residual=True: {e}, so its residual adds cannot be "
+                                "fused without changing what it computes")
+        for name in fused_layers.norms_fused(type(layer)):
+            norm = layer._modules.get(name)
+            new = new_of.get(id(norm)) or norm
+            if not isinstance(new, HFNorm):
+                _fail(layer, where, f"fuse_residual=True: its {name} "
+                                    f"({type(norm).__name__}) is not a norm fusednorm replaces")
+            if norm._forward_hooks or norm._forward_pre_hooks:
+                _fail(layer, where, f"fuse_residual=True: its {name} has hooks, which would see "
+                                    "the fused call's arguments and outputs")
+        layers.append((where, layer, cls))
+    if not seen:
+        raise NotImplementedError(
+            "fusednorm.patch(fuse_residual=True) found no Hugging Face decoder layer in "
+            f"{type(model).__name__}. Nothing was replaced.")
+    return layers
 
 
 def unpatch(model: nn.Module) -> dict[str, str]:
@@ -241,6 +296,11 @@ def unpatch(model: nn.Module) -> dict[str, str]:
     returns module path -> class name of what was restored."""
     _expect_module("unpatch", model, "a model that fusednorm.patch changed")
     restored = {}
+    for path, module in model.named_modules():
+        unfused = vars(type(module)).get("_fusednorm_unfused")
+        if unfused is not None:  # a decoder layer with fused residual adds
+            module.__class__ = unfused
+            restored[path] = unfused.__name__
     for path, parent in list(model.named_modules()):
         for name, child in list(parent._modules.items()):
             original = vars(child).get("_fusednorm_original") if child is not None else None

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusednorm import _backend
+from fusednorm import _backend, _inductor
 from fusednorm._autocast import autocast_cast, casts
+from fusednorm._autograd import fast_apply, unwrap_if_dead
 from fusednorm._backend import kernels, resolve
 from fusednorm._checks import (
     FLOAT_DTYPES,
@@ -39,11 +40,16 @@ from fusednorm._checks import (
 
 # ---------------------------------------------------------------------------------------------
 # Kernels behind torch.library ops, for compiled graphs (eager code uses the plans below).
-# Absent outputs are empty tensors so that every op returns plain tensors.
+# Absent outputs are empty tensors so that every op returns plain tensors. Each op is registered
+# twice, with one implementation: Inductor replaces the `_fusable` one by a decomposition that it
+# fuses with the neighbouring ops (`_inductor.py`); the other always runs our kernel.
 
 
-def _fwd_impl(x, weight, bias, residual, eps, is_rms, zero_centered, dropout_p, seed,
-              out_dtype, residual_dtype, xhat_dtype, backend):
+def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+              eps: float, is_rms: bool, zero_centered: bool, dropout_p: float, seed: Tensor,
+              out_dtype: torch.dtype, residual_dtype: torch.dtype | None,
+              xhat_dtype: torch.dtype | None, backend: str
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     y, h, mean, rstd = kernels(backend, "row_norm").norm_fwd(
         x, weight, bias, residual, eps, is_rms, zero_centered, dropout_p, int(seed),
         out_dtype, residual_dtype, xhat_dtype,
@@ -55,19 +61,8 @@ def _fwd_impl(x, weight, bias, residual, eps, is_rms, zero_centered, dropout_p, 
     return y, h, mean, rstd
 
 
-@torch.library.custom_op("fusednorm::row_norm_fwd", mutates_args=())
-def _fwd_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-            eps: float, is_rms: bool, zero_centered: bool, dropout_p: float, seed: Tensor,
-            out_dtype: torch.dtype, residual_dtype: torch.dtype | None,
-            xhat_dtype: torch.dtype | None, backend: str
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _fwd_impl(x, weight, bias, residual, eps, is_rms, zero_centered, dropout_p, seed,
-                     out_dtype, residual_dtype, xhat_dtype, backend)
-
-
-@_fwd_op.register_fake
-def _(x, weight, bias, residual, eps, is_rms, zero_centered, dropout_p, seed, out_dtype,
-      residual_dtype, xhat_dtype, backend):
+def _fwd_fake(x, weight, bias, residual, eps, is_rms, zero_centered, dropout_p, seed,
+              out_dtype, residual_dtype, xhat_dtype, backend):
     m, n = x.shape
     with_h = residual is not None or dropout_p > 0
     stats = compute_dtype(x.dtype)
@@ -79,9 +74,11 @@ def _(x, weight, bias, residual, eps, is_rms, zero_centered, dropout_p, seed, ou
     )
 
 
-def _bwd_impl(dy, h, weight, bias, mean, rstd, dh_out, eps, is_rms, zero_centered, dropout_p,
-              seed, has_residual, x_dtype, residual_dtype, need_weight_grad, from_output,
-              backend):
+def _bwd_impl(dy: Tensor, h: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+              rstd: Tensor, dh_out: Tensor | None, eps: float, is_rms: bool,
+              zero_centered: bool, dropout_p: float, seed: Tensor, has_residual: bool,
+              x_dtype: torch.dtype, residual_dtype: torch.dtype | None, need_weight_grad: bool,
+              from_output: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dx, dres, dw, db = kernels(backend, "row_norm").norm_bwd(
         dy, h, weight, bias, mean, rstd, dh_out, eps, is_rms, zero_centered, dropout_p,
         int(seed), has_residual, x_dtype, residual_dtype, need_weight_grad, from_output,
@@ -90,20 +87,9 @@ def _bwd_impl(dy, h, weight, bias, mean, rstd, dh_out, eps, is_rms, zero_centere
     return tuple(dy.new_empty((0,)) if t is None else t for t in (dx, dres, dw, db))
 
 
-@torch.library.custom_op("fusednorm::row_norm_bwd", mutates_args=())
-def _bwd_op(dy: Tensor, h: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
-            rstd: Tensor, dh_out: Tensor | None, eps: float, is_rms: bool,
-            zero_centered: bool, dropout_p: float, seed: Tensor, has_residual: bool,
-            x_dtype: torch.dtype, residual_dtype: torch.dtype | None, need_weight_grad: bool,
-            from_output: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _bwd_impl(dy, h, weight, bias, mean, rstd, dh_out, eps, is_rms, zero_centered,
-                     dropout_p, seed, has_residual, x_dtype, residual_dtype, need_weight_grad,
-                     from_output, backend)
-
-
-@_bwd_op.register_fake
-def _(dy, h, weight, bias, mean, rstd, dh_out, eps, is_rms, zero_centered, dropout_p, seed,
-      has_residual, x_dtype, residual_dtype, need_weight_grad, from_output, backend):
+def _bwd_fake(dy, h, weight, bias, mean, rstd, dh_out, eps, is_rms, zero_centered, dropout_p,
+              seed, has_residual, x_dtype, residual_dtype, need_weight_grad, from_output,
+              backend):
     m, n = dy.shape
 
     def grad_of(p):
@@ -117,19 +103,48 @@ def _(dy, h, weight, bias, mean, rstd, dh_out, eps, is_rms, zero_centered, dropo
     )
 
 
+def _registering(fake):
+    def fake_of_fusable(*args):
+        _inductor.register_decompositions()  # while a graph is traced: before Inductor lowers it
+        return fake(*args)
+    return fake_of_fusable
+
+
+_fwd_op = torch.library.custom_op("fusednorm::row_norm_fwd", _fwd_impl, mutates_args=())
+_bwd_op = torch.library.custom_op("fusednorm::row_norm_bwd", _bwd_impl, mutates_args=())
+_fwd_op_fusable = torch.library.custom_op("fusednorm::row_norm_fwd_fusable", _fwd_impl,
+                                          mutates_args=())
+_bwd_op_fusable = torch.library.custom_op("fusednorm::row_norm_bwd_fusable", _bwd_impl,
+                                          mutates_args=())
+_fwd_op.register_fake(_fwd_fake)
+_bwd_op.register_fake(_bwd_fake)
+_fwd_op_fusable.register_fake(_registering(_fwd_fake))
+_bwd_op_fusable.register_fake(_registering(_bwd_fake))
+
+
 # ---------------------------------------------------------------------------------------------
 # A differentiable composite with the kernels' exact semantics. It serves the "torch" backend
 # for the options torch lacks, zero-element inputs, and double backward (create_graph=True).
 
 
 def _composite(h, weight, bias, eps, is_rms, zero_centered, out_dtype, xhat_dtype):
-    compute = compute_dtype(h.dtype)
-    hc = h.to(compute)
+    xhat, _, _ = _normalized(h.to(compute_dtype(h.dtype)), eps, is_rms)
+    return _affine(xhat, weight, bias, zero_centered, out_dtype, xhat_dtype)
+
+
+def _normalized(hc, eps, is_rms):
+    """x̂, mean (None for RMSNorm) and rstd, (M, 1), of rows hc in the compute dtype."""
     if is_rms:
-        xhat = hc * torch.rsqrt(hc.square().mean(-1, keepdim=True) + eps)
-    else:
-        centred = hc - hc.mean(-1, keepdim=True)
-        xhat = centred * torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)
+        rstd = torch.rsqrt(hc.square().mean(-1, keepdim=True) + eps)
+        return hc * rstd, None, rstd
+    mean = hc.mean(-1, keepdim=True)
+    centred = hc - mean
+    rstd = torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)
+    return centred * rstd, mean, rstd
+
+
+def _affine(xhat, weight, bias, zero_centered, out_dtype, xhat_dtype):
+    compute = xhat.dtype
     if xhat_dtype is not None:
         xhat = xhat.to(xhat_dtype).to(compute)
     y = xhat
@@ -235,6 +250,11 @@ class _Plan:
                 and self.sx is not None and self.w_ok and self.b_ok
                 and not torch.compiler.is_compiling()):
             self.run = _run_plain
+        elif (self.kind == "kernel" and self.needs_grad
+                and not self.fused and not self.memory_efficient and not self.autocast
+                and self.weight_cast is None and self.w_ok and self.b_ok
+                and not torch.compiler.is_compiling()):
+            self.run = _run_plain_grad
 
     def _kernel_plan(self, x, weight, bias, residual):
         m, n = self.m, self.n
@@ -407,6 +427,10 @@ class _PlainRowNorm(torch.autograd.Function):
         return dx, dw, db, None
 
 
+_plain_row_norm = fast_apply(_PlainRowNorm)
+_row_norm_function = fast_apply(_RowNorm, 4)
+
+
 def _plain_grads(grads):
     dx, _, dw, db = grads[:4]
     return dx, dw, db, None
@@ -482,11 +506,13 @@ def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, resid
     # setting): a call with another signature never meets this plan.
     key = None
     if type(x) is Tensor and type(normalized_shape) in (tuple, list, torch.Size):
-        key = (is_rms, x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
+        x = unwrap_if_dead(x)
+        device = x.device
+        key = (is_rms, x.shape, x.stride(), x.dtype, device, x.requires_grad,
                tuple(normalized_shape), _tensor_signature(weight), _tensor_signature(bias),
                _tensor_signature(residual), eps, dropout_p, residual_in_fp32, out_dtype,
                zero_centered, xhat_dtype, memory_efficient, torch.is_grad_enabled(),
-               _backend._current, casts(x.device.type))
+               _backend._current, casts(device.type))
         plan = _PLANS.get(key)
     if key is None or plan is None:
         plan = _Plan(x, normalized_shape, weight, bias, eps, residual, dropout_p,
@@ -520,10 +546,10 @@ def _run(plan: _Plan, x, residual, weight, bias):
     if not plan.b_ok:
         bias = bias.contiguous()
     if plan.needs_grad and not (plan.fused or plan.memory_efficient):
-        return _PlainRowNorm.apply(x, weight, bias, plan)
+        return _plain_row_norm(x, weight, bias, plan)
     seed = draw_seed() if plan.dropout_p > 0 else 0
     if plan.needs_grad:
-        return _RowNorm.apply(x, residual, weight, bias, plan, seed)
+        return _row_norm_function(x, residual, weight, bias, plan, seed)
     y, h, _ = plan.forward(*plan.rows(x, residual), weight, bias, seed)
     return (y, h) if plan.has_residual else y
 
@@ -532,6 +558,11 @@ def _run_plain(plan: _Plan, x, residual, weight, bias):
     """`_run` for the common case: our kernel, no gradient, x read in place, nothing to cast
     or copy, no dropout."""
     return plan.forward(x, residual, weight, bias)[0]
+
+
+def _run_plain_grad(plan: _Plan, x, residual, weight, bias):
+    """`_run` for the common training call: the plain case with a gradient to compute."""
+    return _plain_row_norm(x, weight, bias, plan)
 
 
 def _traced(x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
@@ -547,10 +578,13 @@ def _traced(x, normalized_shape, weight, bias, eps, residual, dropout_p, residua
     w = weight.reshape(n) if weight is not None else None
     b = bias.reshape(n) if bias is not None else None
     seed = draw_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    fwd_fusable, bwd_fusable = _inductor.fusable(plan)
+    plan.fwd_op = _fwd_op_fusable if fwd_fusable else _fwd_op
+    plan.bwd_op = _bwd_op_fusable if bwd_fusable else _bwd_op
     if plan.needs_grad:
         y, h = _TracedRowNorm.apply(x, residual, w, b, plan, seed)
     else:
-        y, h, _, _ = _fwd_op(as_rows(x, n), w, b, None if residual is None
+        y, h, _, _ = plan.fwd_op(as_rows(x, n), w, b, None if residual is None
                              else as_rows(residual, n), plan.eps, plan.is_rms,
                              plan.zero_centered, plan.dropout_p, seed, plan.out_dtype,
                              plan.residual_dtype, plan.xhat_dtype, plan.backend)
@@ -563,7 +597,7 @@ class _TracedRowNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, plan, seed):
-        y, h, mean, rstd = _fwd_op(
+        y, h, mean, rstd = plan.fwd_op(
             as_rows(x, plan.n), weight, bias,
             None if residual is None else as_rows(residual, plan.n), plan.eps, plan.is_rms,
             plan.zero_centered, plan.dropout_p, seed, plan.out_dtype, plan.residual_dtype,
@@ -589,7 +623,7 @@ class _TracedRowNorm(torch.autograd.Function):
         if not plan.fused:
             dh_out = None
         need_w = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        dx, dres, dw, db = _bwd_op(
+        dx, dres, dw, db = plan.bwd_op(
             dy.reshape(-1, n).contiguous(), as_rows(saved, n).contiguous(), weight, bias, mean,
             rstd, None if dh_out is None else dh_out.reshape(-1, n).contiguous(), plan.eps,
             plan.is_rms, plan.zero_centered, plan.dropout_p, seed, plan.has_residual,

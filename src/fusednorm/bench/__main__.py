@@ -84,6 +84,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "random init), patched against unpatched: a training step and 1- and "
                         "64-token inference, float32 and bfloat16 (--dtypes)")
     p.add_argument("--rounds", type=int, help="rounds for --calls (15) and --models (15)")
+    p.add_argument("--variants", default="eager",
+                   help="for --models, a comma list of eager (patched), fused "
+                   "(fuse_residual=True), compiled, compiled+fused (torch.compile, against the "
+                   "unpatched model compiled); default eager")
     p.add_argument("--quick", action="store_true",
                    help="the headline shapes (4096x4096, 32768x768, 8192x1024): layer_norm, "
                    "fwd and fwdbwd, fusednorm and torch against a copy, plus the per-call "
@@ -98,6 +102,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shapes", help="comma list of MxN (rows x row length), replacing the sweep")
     p.add_argument("--providers", help="comma list of " + ", ".join(providers.PROVIDERS))
     args = p.parse_args(argv)
+    from fusednorm.bench.models import VARIANTS
+
+    if bad := [v for v in args.variants.split(",") if v not in VARIANTS]:
+        p.error(f"unknown variants: {', '.join(bad)} (known: {', '.join(VARIANTS)})")
     if args.calls and not args.dtypes:
         args.dtypes = "float32"  # the small-call table is about the launch, not the dtype
     preset = PRESETS["quick" if args.quick else "full"]
@@ -247,7 +255,7 @@ def _suite(args, argv: list[str]) -> int:
 
         try:
             rows = suite.run(dtypes=[cases.DTYPES[d] for d in args.dtypes],
-                             rounds=args.rounds or 15,
+                             rounds=args.rounds or 15, variants=args.variants.split(","),
                              progress=lambda s: print(f"  {s} ...", file=sys.stderr, flush=True))
         except suite.Unavailable as e:
             print(f"--models: {e}", file=sys.stderr)

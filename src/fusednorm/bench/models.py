@@ -2,13 +2,17 @@
 
 A norm library is judged where users run it: inside a model, where the norms are a small part of
 the time and a slower call or a second thread pool shows as a net loss. Each case builds a
-randomly initialised model (no download), a copy of it patched with `fusednorm.patch`, checks
-that both give the same logits, then times them in interleaved rounds in one process (each
-round: one sample of each, in alternating order). The figure is the median over rounds of the
-per-round speed-up, unpatched time / patched time (above 1: fusednorm faster).
+randomly initialised model (no download) and copies of it patched with `fusednorm.patch`, checks
+that all give the same logits, then times them in interleaved rounds in one process (each
+round: one sample of each, in an order that alternates). The figure is the median over rounds
+of the per-round speed-up, unpatched time / patched time (above 1: fusednorm faster), with its
+quartiles; the same from the process's CPU time, steadier than the wall clock when other
+processes share the cores.
 
 Workloads: a training step (forward with the loss, and backward) on 8×256 tokens, and inference
-(no grad) on 1×1 and 1×64 tokens (no KV cache).
+(no grad) on 1×1 and 1×64 tokens (no KV cache). Variants: `eager` (patched), `fused`
+(patch(fuse_residual=True), models with decoder layers), and the same under torch.compile
+(default mode) against the unpatched model compiled: `compiled`, `compiled+fused`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +54,10 @@ def llama(dtype: torch.dtype) -> torch.nn.Module:
 
 
 MODELS = {"gpt2": gpt2, "llama": llama}
+FUSABLE = {"llama"}  # models whose decoder layers patch(fuse_residual=True) knows
+# variant -> (compiled, fuse_residual)
+VARIANTS = {"eager": (False, False), "fused": (False, True), "compiled": (True, False),
+            "compiled+fused": (True, True)}
 
 
 def _transformers():
@@ -62,10 +70,13 @@ def _transformers():
 
 
 @dataclass
-class Pair:
+class Case:
+    """One model, workload and dtype: the unpatched step and each variant's, all compiled or
+    none."""
+
     name: str
     unpatched: Callable[[], object]
-    patched: Callable[[], object]
+    patched: dict[str, Callable[[], object]] = field(default_factory=dict)
 
 
 def _step(model: torch.nn.Module, ids: torch.Tensor, train: bool) -> Callable[[], object]:
@@ -81,78 +92,111 @@ def _step(model: torch.nn.Module, ids: torch.Tensor, train: bool) -> Callable[[]
     return infer
 
 
-def pair(model_name: str, workload: str, dtype: torch.dtype, seed: int = 0) -> Pair:
-    """The two callables of one case, after checking that the two models agree."""
+def case(model_name: str, workload: str, dtype: torch.dtype, variants=("eager",),
+         seed: int = 0) -> Case:
+    """The callables of one case (variants all compiled or all eager), after checking that the
+    patched models' logits agree with the unpatched model's."""
+    compiled = {VARIANTS[v][0] for v in variants}
+    if len(compiled) != 1:
+        raise ValueError(f"variants {variants} mix compiled and eager")
+    compiled = compiled.pop()
     torch.manual_seed(seed)
     base = MODELS[model_name](dtype)
-    ours = copy.deepcopy(base)
-    report = fusednorm.patch(ours)
-    if not report.replaced:
-        raise RuntimeError(f"fusednorm.patch replaced nothing in {model_name}: {report}")
     batch, tokens, train = WORKLOADS[workload]
     ids = torch.randint(0, base.config.vocab_size, (batch, tokens))
     base.train(train)
-    ours.train(train)
+    # compiled models are checked on the timed shape: another would make a second graph, with
+    # dynamic shapes
+    check = ids if compiled else ids[:1]
     with torch.no_grad():
-        a, b = base(ids[:1]).logits.float(), ours(ids[:1]).logits.float()
-    # same weights, different kernels: the logits differ by the norms' rounding only
-    tol = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-3
-    err = ((a - b).abs().max() / a.abs().max()).item()
-    if not err <= tol:
-        raise RuntimeError(f"{model_name} {workload} {dtype}: patched logits differ by {err:.3g}")
-    return Pair(f"{model_name} {workload} {str(dtype).removeprefix('torch.')}",
-                _step(base, ids, train), _step(ours, ids, train))
+        expected = base(check).logits.float()
+    if compiled:
+        torch._dynamo.reset()  # each case compiles afresh (recompile limits are per code)
+    wrap = torch.compile if compiled else (lambda m: m)
+    c = Case(f"{model_name} {workload} {str(dtype).removeprefix('torch.')}",
+             _step(wrap(base), ids, train))
+    for variant in variants:
+        ours = copy.deepcopy(base)
+        report = fusednorm.patch(ours, fuse_residual=VARIANTS[variant][1])
+        if not report.replaced:
+            raise RuntimeError(f"fusednorm.patch replaced nothing in {model_name}: {report}")
+        ours = wrap(ours)
+        with torch.no_grad():
+            got = ours(check).logits.float()
+        # same weights, different kernels: the logits differ by the norms' rounding only
+        tol = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-3
+        err = ((got - expected).abs().max() / expected.abs().max()).item()
+        if not err <= tol:
+            raise RuntimeError(f"{c.name} {variant}: patched logits differ by {err:.3g}")
+        c.patched[variant] = _step(ours, ids, train)
+    return c
 
 
-def measure(p: Pair, rounds: int, min_sample_s: float = 0.05) -> dict:
-    """Median per-call times and the median per-round speed-up unpatched/patched."""
-    for fn in (p.unpatched, p.patched, p.unpatched, p.patched):  # warm-up (plans, allocator)
-        fn()
+def measure(c: Case, rounds: int, min_sample_s: float = 0.05) -> list[dict]:
+    """Per variant: median per-call times and the median per-round speed-up unpatched/patched
+    (wall clock and CPU time), with quartiles."""
+    fns = {"unpatched": c.unpatched, **c.patched}
+    for _ in range(2):  # warm-up (compilation, plans, allocator)
+        for fn in fns.values():
+            fn()
     k = 1
-    while _time(p.unpatched, k) < min_sample_s and k < 1024:
+    while _time(c.unpatched, k)[0] < min_sample_s and k < 1024:
         k *= 2
-    base, ours, speedups = [], [], []
+    times = {name: [] for name in fns}
+    order = list(fns)
     for r in range(rounds):
-        if r % 2:
-            o = _time(p.patched, k)
-            b = _time(p.unpatched, k)
-        else:
-            b = _time(p.unpatched, k)
-            o = _time(p.patched, k)
-        base.append(b)
-        ours.append(o)
-        speedups.append(b / o)
-    q = statistics.quantiles(speedups, n=4) if rounds > 1 else [speedups[0]] * 3
-    return {"case": p.name, "unpatched_ms": statistics.median(base) * 1e3,
-            "patched_ms": statistics.median(ours) * 1e3, "speedup": statistics.median(speedups),
-            "speedup_q1": q[0], "speedup_q3": q[2], "rounds": rounds, "calls_per_sample": k}
+        for name in (order if r % 2 == 0 else order[::-1]):
+            times[name].append(_time(fns[name], k))
+    rows = []
+    for variant in c.patched:
+        row = {"case": c.name, "variant": variant, "rounds": rounds, "calls_per_sample": k}
+        for clock, suffix in ((0, ""), (1, "_cpu")):
+            base = [t[clock] for t in times["unpatched"]]
+            ours = [t[clock] for t in times[variant]]
+            ratios = [b / o for b, o in zip(base, ours)]
+            q = statistics.quantiles(ratios, n=4) if rounds > 1 else [ratios[0]] * 3
+            row.update({f"unpatched_ms{suffix}": statistics.median(base) * 1e3,
+                        f"patched_ms{suffix}": statistics.median(ours) * 1e3,
+                        f"speedup{suffix}": statistics.median(ratios),
+                        f"speedup{suffix}_q1": q[0], f"speedup{suffix}_q3": q[2]})
+        rows.append(row)
+    return rows
 
 
-def _time(fn: Callable[[], object], k: int) -> float:
-    t0 = time.perf_counter()
+def _time(fn: Callable[[], object], k: int) -> tuple[float, float]:
+    """Seconds per call: wall clock, and CPU time of the process (all its threads)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(k):
         fn()
-    return (time.perf_counter() - t0) / k
+    return (time.perf_counter() - t0) / k, (time.process_time() - c0) / k
 
 
 def run(models=tuple(MODELS), workloads=tuple(WORKLOADS),
         dtypes=(torch.float32, torch.bfloat16), rounds: int = 15,
-        progress: Callable[[str], None] = lambda s: None) -> list[dict]:
+        progress: Callable[[str], None] = lambda s: None, variants=("eager",)) -> list[dict]:
     rows = []
     for dtype in dtypes:
         for model_name in models:
             for workload in workloads:
-                p = pair(model_name, workload, dtype)
-                progress(p.name)
-                rows.append(measure(p, rounds))
+                for compiled in (False, True):
+                    chosen = [v for v in variants if VARIANTS[v][0] == compiled
+                              and (model_name in FUSABLE or not VARIANTS[v][1])]
+                    if not chosen:
+                        continue
+                    c = case(model_name, workload, dtype, chosen)
+                    progress(f"{c.name} {', '.join(chosen)}")
+                    rows += measure(c, rounds)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'case':<28} {'unpatched':>10} {'patched':>10} {'speed-up':>9}  {'(q1-q3)':>11}"
-            "  goal >= 1.0x")
+    head = (f"{'case':<26} {'variant':<14} {'unpatched':>10} {'patched':>10} {'speed-up':>9}"
+            f"  {'(q1-q3)':>11}  {'cpu-time':>8}  {'(q1-q3)':>11}  goal >= 1.0x")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['case']:<28} {r['unpatched_ms']:>8.2f}ms {r['patched_ms']:>8.2f}ms "
-                     f"{r['speedup']:>8.3f}x  {r['speedup_q1']:.3f}-{r['speedup_q3']:.3f}")
+        lines.append(
+            f"{r['case']:<26} {r['variant']:<14} {r['unpatched_ms']:>8.2f}ms "
+            f"{r['patched_ms']:>8.2f}ms {r['speedup']:>8.3f}x  "
+            f"{r['speedup_q1']:.3f}-{r['speedup_q3']:.3f}  {r['speedup_cpu']:>7.3f}x  "
+            f"{r['speedup_cpu_q1']:.3f}-{r['speedup_cpu_q3']:.3f}")
     return "\n".join(lines)

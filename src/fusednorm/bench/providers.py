@@ -88,6 +88,28 @@ def fusednorm_auto(op: str, device: str) -> Fn:
     return lambda x, w, b, r: (call(x, w, b, r),)
 
 
+def fusednorm_compile(op: str, device: str) -> Fn:
+    """torch.compile of our public functions on backend "auto": where Inductor decomposes our
+    row norms (fusednorm/_inductor.py), its fused code; elsewhere our kernels."""
+    torch._dynamo.reset()
+    return torch.compile(fusednorm_auto(op, device))
+
+
+def fusednorm_compile_kernels(op: str, device: str) -> Fn:
+    """torch.compile of our public functions with our kernels chosen by hand (never
+    decomposed): the compiled path that keeps batch invariance."""
+    import fusednorm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fusednorm_auto(op, device))
+    backend = "cpu" if device == "cpu" else "triton"
+
+    def f(*args):
+        with fusednorm.use_backend(backend):
+            return compiled(*args)
+    return f
+
+
 def liger(op: str, device: str) -> Fn:
     """Liger-Kernel; RMSNorm in its "gemma" casting mode (all fp32, as torch), not in place."""
     _cuda_only(device, "Liger-Kernel")
@@ -144,6 +166,8 @@ PROVIDERS: dict[str, Callable[[str, str], Fn]] = {
     "fusednorm": fusednorm_auto,
     "torch": torch_eager,
     "compile": torch_compile,
+    "fusednorm-compile": fusednorm_compile,
+    "fusednorm-compile-kernels": fusednorm_compile_kernels,
     "liger": liger,
     "quack": quack,
     "apex": apex,

@@ -94,9 +94,21 @@ class GroupNormPlan:
             self._fwd, self._bwd = _CL_FWD[key], _CL_BWD[key]
         else:
             self._fwd, self._bwd = _CF_FWD[key], _CF_BWD[key + (STORAGE[x_dtype],)]
+        self._calls: dict[tuple[bool, int], tuple[Scratch, bytes]] = {}
 
     def _threads(self) -> int:
         return threads(self.cap)
+
+    def _call(self, backward: bool, threads: int) -> tuple[Scratch, bytes]:
+        """The scratch and the packed fixed arguments of a call on `threads` threads (worked
+        out once per thread count: small calls are dominated by such work)."""
+        call = self._calls.get((backward, threads))
+        if call is None:
+            need, fixed = self._scratch(backward, threads)
+            layout = (CL_BWD if self.cl else CF_BWD) if backward else (
+                CL_FWD if self.cl else CF_FWD)
+            call = self._calls[backward, threads] = need, layout.fixed(**fixed)
+        return call
 
     def _scratch(self, backward: bool, threads: int) -> tuple[Scratch, dict]:
         """The scratch and the fixed arguments of a call on `threads` threads."""
@@ -120,13 +132,13 @@ class GroupNormPlan:
         stats = torch.empty((2, self.shape[0], self.groups), dtype=self.ct)
         mean = stats.data_ptr()
         threads = self._threads()
-        need, fixed = self._scratch(False, threads)
+        need, tail = self._call(False, threads)
         _held, shared, local = need.take(threads)  # (held until the kernel returns)
         layout = CL_FWD if self.cl else CF_FWD
         self._fwd(layout.pack_call(
             x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean,
             mean + self.shape[0] * self.groups * self.size, self.cp.data_ptr(), shared, local)
-            + layout.fixed(**fixed), threads)
+            + tail, threads)
         return y, stats
 
     def backward(self, dy, x, weight, bias, stats):
@@ -137,13 +149,13 @@ class GroupNormPlan:
         dw, db = torch.empty(c_, dtype=self.ct), torch.empty(c_, dtype=self.ct)
         mean = stats.data_ptr()
         threads = self._threads()
-        need, fixed = self._scratch(True, threads)
+        need, tail = self._call(True, threads)
         _held, shared, local = need.take(threads)  # (held until the kernel returns)
         layout = CL_BWD if self.cl else CF_BWD
         self._bwd(layout.pack_call(
             dy.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean,
             mean + self.shape[0] * self.groups * self.size, dx.data_ptr(), dw.data_ptr(),
-            db.data_ptr(), self.cp.data_ptr(), shared, local) + layout.fixed(**fixed), threads)
+            db.data_ptr(), self.cp.data_ptr(), shared, local) + tail, threads)
         return dx, dw, db
 
 
