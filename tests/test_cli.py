@@ -83,8 +83,24 @@ def test_models_patched_match_unpatched_on_tiny_configs(monkeypatch):
     monkeypatch.setattr(models, "HEADS", 4)
     monkeypatch.setattr(models, "LAYERS", 1)
     rows = models.run(workloads=("infer 1x1",), dtypes=(torch.float32,), rounds=1,
-                      variants=("eager", "fused"))  # (GPT-2 has no decoder layer to fuse)
+                      variants=("eager", "fused", "no-norm"))  # (GPT-2 has no layer to fuse)
     assert [(r["case"], r["variant"]) for r in rows] == [
-        ("gpt2 infer 1x1 float32", "eager"), ("llama infer 1x1 float32", "eager"),
-        ("llama infer 1x1 float32", "fused")]
+        ("gpt2 infer 1x1 float32", "eager"), ("gpt2 infer 1x1 float32", "no-norm"),
+        ("llama infer 1x1 float32", "eager"), ("llama infer 1x1 float32", "fused"),
+        ("llama infer 1x1 float32", "no-norm")]
     assert all(r["speedup"] > 0 and r["speedup_cpu"] > 0 for r in rows)
+
+
+def test_models_no_norm_ceiling_has_no_norm_left(monkeypatch):
+    """The ceiling variant times the model with every norm that patch replaces gone."""
+    pytest.importorskip("transformers")
+    monkeypatch.setattr(models, "WIDTH", 64)
+    monkeypatch.setattr(models, "HEADS", 4)
+    monkeypatch.setattr(models, "LAYERS", 1)
+    seen = []
+    monkeypatch.setattr(models, "_step", lambda model, ids, train: seen.append(model))
+    models.case("llama", "infer 1x1", torch.float32, ("no-norm",))
+    unpatched, ceiling = seen
+    assert any("RMSNorm" in type(m).__name__ for m in unpatched.modules())
+    assert not any("Norm" in type(m).__name__ for m in ceiling.modules())
+    assert sum(isinstance(m, torch.nn.Identity) for m in ceiling.modules()) == 3  # 2 + final
