@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fusednorm.__main__ import main
-from fusednorm.bench import calls, models
+from fusednorm.bench import calls, models, startup
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -104,3 +104,14 @@ def test_models_no_norm_ceiling_has_no_norm_left(monkeypatch):
     assert any("RMSNorm" in type(m).__name__ for m in unpatched.modules())
     assert not any("Norm" in type(m).__name__ for m in ceiling.modules())
     assert sum(isinstance(m, torch.nn.Identity) for m in ceiling.modules()) == 3  # 2 + final
+
+
+def test_startup_warm_process_loads_kernels_without_numba():
+    """The startup suite's plumbing, once: the cold process compiles (numba imported), the warm
+    one loads the cache the cold one left (numba never imported); torch's first call is timed
+    apart from ours."""
+    cold, warm = startup.run(dtypes=("float32",), repeats=1)
+    assert (cold["cache"], cold["numba_imported"]) == ("cold", True)
+    assert (warm["cache"], warm["numba_imported"]) == ("warm", False)
+    assert all(r["torch_first_call"] > 0 and r["forward"] > 0 for r in (cold, warm))
+    assert "torch's 1st fwd+bwd" in startup.table([cold, warm])
