@@ -245,15 +245,14 @@ class _Plan:
             self.kind = "kernel"
             self._kernel_plan(x, weight, bias, residual)
         self.run = _run
-        if (self.kind == "kernel" and self.backend == "cpu" and not self.needs_grad
-                and not self.fused and not self.autocast and self.weight_cast is None
-                and self.sx is not None and self.w_ok and self.b_ok
-                and not torch.compiler.is_compiling()):
+        # the common calls, which `_run` would reach after checks that cannot fail for them:
+        # our kernel, no residual or dropout, nothing to cast, the parameters read in place
+        common = (self.kind == "kernel" and not fused and not self.autocast
+                  and self.weight_cast is None and self.w_ok and self.b_ok
+                  and not torch.compiler.is_compiling())
+        if common and not self.needs_grad and self.backend == "cpu" and self.sx is not None:
             self.run = _run_plain
-        elif (self.kind == "kernel" and self.needs_grad
-                and not self.fused and not self.memory_efficient and not self.autocast
-                and self.weight_cast is None and self.w_ok and self.b_ok
-                and not torch.compiler.is_compiling()):
+        elif common and self.needs_grad and not memory_efficient:
             self.run = _run_plain_grad
 
     def _kernel_plan(self, x, weight, bias, residual):
