@@ -18,8 +18,11 @@ from numba.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
 
 _I32 = ir.IntType(32)
-OPTS = {"cache": False, "error_model": "numpy"}  # error_model: no divide-by-zero checks (torch
-# gives inf), which would also keep LLVM from vectorizing; kernels are cached by _launch instead
+# error_model: no divide-by-zero checks (torch gives inf), which would also keep LLVM from
+# vectorizing; no cache: kernels are cached by _launch instead; no wrappers: helpers are only
+# called from numba code, and the Python and C wrappers of each would cost a first call ~10 ms.
+OPTS = {"cache": False, "error_model": "numpy", "no_cpython_wrapper": True,
+        "no_cfunc_wrapper": True}
 
 
 # --- addresses, the argument block, threads ------------------------------------------------------
@@ -122,45 +125,24 @@ def storage_type(name: str):
 
 
 # --- scalar conversions (bit-exact with torch's casts) -------------------------------------------
-# bfloat16 is written as LLVM IR: numba would widen the integer arithmetic to 64 bits, which
-# halves the vector lanes of the loops that convert whole rows.
+# bfloat16 is emitted as LLVM IR by the load/store intrinsics below: numba would widen the integer
+# arithmetic to 64 bits, which halves the vector lanes of the loops that convert whole rows.
 
 
-@intrinsic
-def _bf16_bits_to_f32(typingctx, h):
-    def codegen(context, builder, sig, args):
-        u = builder.shl(builder.zext(args[0], _I32), _I32(16))
-        return builder.bitcast(u, ir.FloatType())
-
-    return types.float32(types.uint16), codegen
+def _bf16_to_f32_ir(builder, h):
+    """bfloat16 bits (i16) -> float32: the bits are the float32's top half."""
+    return builder.bitcast(builder.shl(builder.zext(h, _I32), _I32(16)), ir.FloatType())
 
 
-@intrinsic
-def _f32_to_bf16_bits(typingctx, v):
-    def codegen(context, builder, sig, args):
-        u = builder.bitcast(args[0], _I32)
-        top = builder.lshr(u, _I32(16))
-        # round to nearest even on the 16 dropped bits
-        rounded = builder.lshr(
-            builder.add(u, builder.add(_I32(0x7FFF), builder.and_(top, _I32(1)))), _I32(16)
-        )
-        quiet_nan = builder.or_(builder.and_(top, _I32(0x8000)), _I32(0x7FC0))
-        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
-        return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
-
-    return types.uint16(types.float32), codegen
-
-
-@njit(**OPTS)
-def bf16_to_f32(h):
-    """bfloat16 bits (uint16) -> float32: the bits are the float32's top half."""
-    return _bf16_bits_to_f32(np.uint16(h))
-
-
-@njit(**OPTS)
-def f32_to_bf16(v):
-    """float32 -> bfloat16 bits, round to nearest even; NaN -> quiet NaN keeping the sign."""
-    return _f32_to_bf16_bits(np.float32(v))
+def _f32_to_bf16_ir(builder, v):
+    """float32 -> bfloat16 bits (i16), round to nearest even; NaN -> quiet NaN keeping the sign."""
+    u = builder.bitcast(v, _I32)
+    top = builder.lshr(u, _I32(16))
+    rounded = builder.lshr(  # round to nearest even on the 16 dropped bits
+        builder.add(u, builder.add(_I32(0x7FFF), builder.and_(top, _I32(1)))), _I32(16))
+    quiet_nan = builder.or_(builder.and_(top, _I32(0x8000)), _I32(0x7FC0))
+    is_nan = builder.fcmp_unordered("uno", v, v)
+    return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
 
 
 # float16: integer arithmetic in 64 bits (numba widens integer ops to int64 anyway), masked where
@@ -222,69 +204,128 @@ def is_half(a) -> bool:
     return is_bf16(a) or is_f16(a)
 
 
-def load(a, i):
-    """a[i] as a float: float32 for half storage, the array's own type otherwise."""
-    raise NotImplementedError  # only callable from numba code
+def _to_float(context, builder, raw, storage):
+    """A stored element as the float the kernels compute with (float32 for half storage)."""
+    if storage == types.uint16:
+        return _bf16_to_f32_ir(builder, raw)
+    if storage == types.int16:
+        return context.compile_internal(builder, f16_to_f32.py_func,
+                                        types.float32(types.int16), [raw])
+    return raw
 
 
-@overload(load)
-def _load(a, i):
-    if is_bf16(a):
-        return lambda a, i: bf16_to_f32(a[i])
-    if is_f16(a):
-        return lambda a, i: f16_to_f32(a[i])
-    return lambda a, i: a[i]
+def _to_storage(context, builder, v, vtype, storage):
+    """Float v (of numba type vtype) rounded to the storage type."""
+    if storage == types.uint16:
+        return _f32_to_bf16_ir(builder, context.cast(builder, v, vtype, types.float32))
+    if storage == types.int16:
+        return context.compile_internal(builder, f32_to_f16.py_func, types.int16(types.float32),
+                                        [context.cast(builder, v, vtype, types.float32)])
+    return context.cast(builder, v, vtype, storage)
 
 
-def store(a, i, v):
-    """a[i] = v rounded to a's storage type."""
-    raise NotImplementedError
+def _compute_type(storage):
+    return types.float32 if storage in (types.uint16, types.int16) else storage
 
 
-@overload(store)
-def _store(a, i, v):
-    if is_bf16(a):
-        def bf16(a, i, v):
-            a[i] = f32_to_bf16(v)
-        return bf16
-    if is_f16(a):
-        def f16(a, i, v):
-            a[i] = f32_to_f16(v)
-        return f16
-
-    def native(a, i, v):
-        a[i] = v
-    return native
+def _pointer(context, builder, array_type, array, index, index_type):
+    array = make_array(array_type)(context, builder, array)
+    index = context.cast(builder, index, index_type, types.intp)
+    return cgutils.get_item_pointer(context, builder, array_type, array, [index], wraparound=False)
 
 
+# load, store and round_to are intrinsics rather than numba functions: they cost no compilation
+# of their own (each numba function costs a first call ~20 ms, however small).
+
+
+@intrinsic
+def load(typingctx, a, i):
+    """a[i] as a float: float32 for half storage, the array's own type otherwise (i >= 0)."""
+    if not isinstance(a, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        raw = builder.load(_pointer(context, builder, a, args[0], args[1], i))
+        return _to_float(context, builder, raw, a.dtype)
+
+    return _compute_type(a.dtype)(a, i), codegen
+
+
+@intrinsic
+def store(typingctx, a, i, v):
+    """a[i] = v rounded to a's storage type (i >= 0)."""
+    if not isinstance(a, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _pointer(context, builder, a, args[0], args[1], i)
+        builder.store(_to_storage(context, builder, args[2], v, a.dtype), ptr)
+        return context.get_dummy_value()
+
+    return types.none(a, i, v), codegen
+
+
+@intrinsic
+def round_to(typingctx, v, like):
+    """v rounded to the storage type of `like` (a scalar of that type) and back to a float."""
+    def codegen(context, builder, sig, args):
+        stored = _to_storage(context, builder, args[0], v, like)
+        return _to_float(context, builder, stored, like)
+
+    return _compute_type(like)(v, like), codegen
+
+
+# Reductions: reassociable adds (and fused multiply-adds) on these instructions alone, so that
+# LLVM vectorizes the sums (their order then depends on the row length only) while every other
+# operation of a kernel keeps IEEE order. Never nnan/ninf: NaN and inf rows must propagate.
+_REASSOC = ("reassoc", "contract")
+
+
+@intrinsic
+def radd(typingctx, acc, v):
+    """acc + v, reassociable."""
+    if not isinstance(acc, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], context.cast(builder, args[1], v, acc), flags=_REASSOC)
+
+    return acc(acc, v), codegen
+
+
+@intrinsic
+def rfma(typingctx, acc, x, y):
+    """acc + x·y, reassociable and contracted to a fused multiply-add."""
+    if not isinstance(acc, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        product = builder.fmul(context.cast(builder, args[1], x, acc),
+                               context.cast(builder, args[2], y, acc), flags=("contract",))
+        return builder.fadd(args[0], product, flags=_REASSOC)
+
+    return acc(acc, x, y), codegen
+
+
+# (inline: spliced into the caller before typing, so they cost no compilation of their own)
+
+
+@njit(inline="always", **OPTS)
 def load_row(src, off, n, dst):
     """dst[:n] = src[off:off + n] converted to dst's float type."""
-    raise NotImplementedError
-
-
-@overload(load_row)
-def _load_row(src, off, n, dst):
     # A slice indexed from 0, not src[off + j]: numba wraps negative signed indices, which
     # would turn the loop into gathers instead of vector loads.
-    def impl(src, off, n, dst):
-        s = src[off:off + n]
-        for j in range(n):
-            dst[j] = load(s, j)
-    return impl
+    s = src[off:off + n]
+    for j in range(n):
+        dst[j] = load(s, j)
 
 
+@njit(inline="always", **OPTS)
 def store_row(dst, off, n, src):
     """dst[off:off + n] = src[:n] rounded to dst's storage type."""
-    raise NotImplementedError
-
-
-@overload(store_row)
-def _store_row(dst, off, n, src):
-    def impl(dst, off, n, src):
-        d = dst[off:off + n]
-        for j in range(n):
-            store(d, j, src[j])
-    return impl
+    d = dst[off:off + n]
+    for j in range(n):
+        store(d, j, src[j])
 
 
 def as_float(a, j):
@@ -296,7 +337,7 @@ def as_float(a, j):
 @overload(as_float)
 def _as_float(a, j):
     if is_bf16(a):
-        return lambda a, j: bf16_to_f32(a[j])
+        return lambda a, j: load(a, j)
     return lambda a, j: a[j]
 
 
@@ -315,20 +356,6 @@ def _row_view(src, off, n, buf):
         load_row(src, off, n, buf)
         return buf[:n]
     return convert
-
-
-def round_to(v, like):
-    """v rounded to the storage type of `like` (a scalar of that type) and back to a float."""
-    raise NotImplementedError
-
-
-@overload(round_to)
-def _round_to(v, like):
-    if like == types.uint16:
-        return lambda v, like: bf16_to_f32(f32_to_bf16(v))
-    if like == types.int16:
-        return lambda v, like: f16_to_f32(f32_to_f16(v))
-    return lambda v, like: np.float32(v)  # float32, for float64 compute
 
 
 def same_or(a, alt):

@@ -10,8 +10,11 @@ How the work is laid out, and why:
   the input row itself when it is stored in that type, else a converted copy (half input, or
   h = residual + dropout(x) rounded to its storage type). The row is re-read from cache for the
   exact two-pass statistics.
-- Only the reductions are compiled with reassociation (to let LLVM vectorize them); their order
-  then depends on N alone, so a row's result never depends on M or on its position.
+- Only the sums are reassociated (`radd`, `rfma`: the flag on those instructions alone, to let
+  LLVM vectorize them); their order then depends on N alone, so a row's result never depends
+  on M or on its position.
+- Each kernel is one numba function (see "row helpers" below): its compile time is what a
+  first call waits for.
 - Each thread takes an equal share of the rows (forward) or of the backward's row blocks, whose
   number depends on M and N only; each block sums its dweight/dbias rows into its own partial
   row, and the partial rows are added in block order after a barrier: bitwise deterministic.
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
-from numba.extending import overload
 
 from fusednorm.cpu.kernels._compile import cfunc
 from fusednorm.cpu.kernels._dtypes import (
@@ -33,11 +35,11 @@ from fusednorm.cpu.kernels._dtypes import (
     is_half,
     load,
     my_share,
+    radd,
+    rfma,
     round_to,
-    row_view,
     storage_type,
     store,
-    store_row,
     thread_id,
 )
 from fusednorm.cpu.layer_norm import (
@@ -53,10 +55,7 @@ from fusednorm.cpu.layer_norm import (
     SCRATCH_ROWS,
 )
 
-# Reassociation (and FMA contraction) for the row reductions only. Never nnan/ninf: NaN and inf
-# rows must propagate as in torch.
-_REDUCE = {"reassoc", "contract", "arcp"}
-_FMA = {"contract"}  # elementwise loops: fused multiply-adds, no reordering
+_FMA = {"contract"}  # fused multiply-adds, no reordering (the sums reassociate by radd, rfma)
 
 # Philox-4x32-10 constants, as in Triton's tl.rand (so the two backends draw the same mask).
 _ROUND_A, _ROUND_B = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
@@ -67,7 +66,7 @@ _M32, _SH32 = np.uint64(0xFFFFFFFF), np.uint64(32)
 # --- dropout: a counter-based uniform, keyed on (seed, element index) ---------------------------
 
 
-@njit(**OPTS)
+@njit(inline="always", **OPTS)
 def _uniform(seed_lo, seed_hi, idx):
     """Triton's `tl.rand(seed, idx)`: the first word of Philox on counter (idx, 0, 0, 0), as a
     float32 in [0, 1)."""
@@ -103,166 +102,50 @@ def build_keep_mask():
 
 
 # --- row helpers ---------------------------------------------------------------------------------
-# Rows are slices indexed from 0 (numba wraps negative signed indices, so a[o + j] would compile
-# to gathers instead of vector loads). Few functions, each compiled once per storage type: a
-# numba function costs tens of milliseconds to compile, which a first call waits for. The
-# reductions are their own functions because only they are compiled with reassociation.
+# Each kernel is one numba function, written out rather than split into helpers: every numba
+# function costs a first call ~20 ms to compile however small, and inlining one costs about as
+# much. What a specialization leaves out is ruled out by constants of its builder, whose branches
+# numba prunes before typing. Rows are slices indexed from 0 (numba wraps negative signed
+# indices, so a[o + j] would compile to gathers instead of vector loads). Only the sums are
+# reassociated (radd, rfma), so that LLVM vectorizes them; their order then depends on N alone.
 
 
-def _row_sum(src, off, n, dst, sq):
-    """(row, Σ row) of src[off:off + n] in dst's float type (Σ of squares when sq): the row
-    itself when stored in that type, else converted into dst in the same pass. The order of
-    the sum depends on N only."""
-    raise NotImplementedError  # only callable from numba code
+@njit(inline="always", **OPTS)
+def _param_rows(w, has_w, b, has_b, zc, n, weff, beff):
+    """The weight row (1 + w when zc; 1 when absent) and the bias row (0 when absent) in the
+    compute type, converted into weff and beff. (One kernel serves present and absent
+    parameters, so absent ones cost no specialization.)"""
+    one, zero = weff.dtype.type(1), weff.dtype.type(0)
+    for j in range(n):
+        wj = load(w, j) if has_w else one
+        weff[j] = wj + one if zc and has_w else wj
+        beff[j] = load(b, j) if has_b else zero
 
 
-@overload(_row_sum, jit_options={"fastmath": _REDUCE, **OPTS})
-def _row_sum_impl(src, off, n, dst, sq):
-    if src.dtype == dst.dtype:
-
-        def in_place(src, off, n, dst, sq):
-            a = src[off:off + n]
-            acc = a[0] * a[0] if sq else a[0]
-            if sq:
-                for j in range(1, n):
-                    acc += a[j] * a[j]
-            else:
-                for j in range(1, n):
-                    acc += a[j]
-            return a, acc
-
-        return in_place
-
-    def converted(src, off, n, dst, sq):
-        s = src[off:off + n]
-        v = load(s, 0)
-        dst[0] = v
-        acc = v * v if sq else v
-        if sq:
-            for j in range(1, n):
-                v = load(s, j)
-                dst[j] = v
-                acc += v * v
-        else:
-            for j in range(1, n):
-                v = load(s, j)
-                dst[j] = v
-                acc += v
-        return dst[:n], acc
-
-    return converted
-
-
-@njit(fastmath=_REDUCE, **OPTS)
-def _dev_sums(a, n, mu):
-    """(Σ d, Σ d²), d = a - mu."""
-    d = a[0] - mu
-    sd, ss = d, d * d
-    for j in range(1, n):
-        d = a[j] - mu
-        sd += d
-        ss += d * d
-    return sd, ss
-
-
-@njit(**OPTS)
-def _row_stats(a, n, eps, is_rms, s):
-    """(mean, rstd) of the row a given s, its Σa (Σa² for RMSNorm). No fast-math here: the
-    inf and NaN rows must come out as torch's."""
-    one, zero, inv_n = a.dtype.type(1), a.dtype.type(0), a.dtype.type(1) / a.dtype.type(n)
-    if is_rms:
-        return zero, one / np.sqrt(s * inv_n + eps)
-    mu = s * inv_n
-    # Corrected two-pass: the deviations' own sum removes the rounding error of the first mean
-    # (Chan, Golub & LeVeque), which matters for rows far from zero (mean 1e4 with unit spread).
-    sd, ss = _dev_sums(a, n, mu)
-    var = (ss - sd * inv_n * sd) * inv_n
-    if var < zero:  # not max(): a NaN row must stay NaN
-        var = zero
-    elif np.isinf(ss):  # squares overflowed: the variance is inf (as in torch), not inf - inf
-        var = ss
-    return mu + sd * inv_n, one / np.sqrt(var + eps)
-
-
-def _param_row(p, present, zc, fill, n, out):
-    """The parameter row in the compute type: p itself when stored so (and not zero-centred),
-    else converted into out (1 + p when zc); `fill` when the parameter is absent (`present`
-    false: one kernel serves both, so absent parameters cost no specialization)."""
-    raise NotImplementedError  # only callable from numba code
-
-
-@overload(_param_row, jit_options={"fastmath": _FMA, **OPTS})
-def _param_row_impl(p, present, zc, fill, n, out):
-    if p.dtype == out.dtype:
-
-        def native(p, present, zc, fill, n, out):
-            if present and not zc:
-                return p
-            one = out.dtype.type(1)
-            for j in range(n):
-                out[j] = (p[j] + one if zc else p[j]) if present else fill
-            return out
-
-        return native
-
-    def convert(p, present, zc, fill, n, out):
-        one = out.dtype.type(1)
-        for j in range(n):
-            out[j] = (load(p, j) + one if zc else load(p, j)) if present else fill
-        return out
-
-    return convert
+@njit(inline="always", **OPTS)
+def _dropout_row(buf, n, base, p, scale, seed_lo, seed_hi):
+    # multiply by 0 rather than assign it: a dropped inf or NaN gives NaN, as in torch
+    zero = buf.dtype.type(0)
+    for j in range(n):
+        buf[j] *= scale if _uniform(seed_lo, seed_hi, base + j) >= p else zero
 
 
 # --- forward -------------------------------------------------------------------------------------
 
 
-@njit(fastmath=_FMA, **OPTS)
-def _fwd_rows(x, sx, r, sr, y, h, mean, rstd, stats, weff, beff, buf, tmp, lo, hi, n, eps,
-              is_rms, dropout, xhat):
-    """Rows lo..hi-1 of the forward. None, and left out of the compiled code: h when the
-    norm's input is x itself; r without a residual; xhat (else a scalar of the type x̂ is
-    rounded to). dropout: (p, scale, seed words), applied when p > 0."""
-    zero = buf.dtype.type(0)
-    for i in range(lo, hi):
-        if h is None:  # x in place, or converted with its first sum taken in the same pass
-            a, s = _row_sum(x, i * sx, n, buf, is_rms)
-        else:
-            # h = residual + dropout(x), rounded to its storage type before the norm
-            xr = x[i * sx:i * sx + n]
-            for j in range(n):
-                buf[j] = load(xr, j)
-            if dropout[0] > 0:
-                _dropout_row(buf, n, i * n, dropout, zero)
-            if r is not None:
-                rr = r[i * sr:i * sr + n]
-                for j in range(n):
-                    buf[j] += load(rr, j)
-            hr = h[i * n:i * n + n]
-            for j in range(n):
-                store(hr, j, buf[j])
-                buf[j] = load(hr, j)
-            a, s = _row_sum(buf, 0, n, buf, is_rms)
-        mu, rs = _row_stats(a, n, eps, is_rms, s)
-        if stats:
-            if not is_rms:
-                mean[i] = mu
-            rstd[i] = rs
-        yr = y[i * n:i * n + n]
-        if xhat is None:
-            for j in range(n):
-                store(yr, j, (a[j] - mu) * rs * weff[j] + beff[j])
-        else:  # x̂ rounded first: the cast order of Hugging Face's Llama and T5 norms
-            for j in range(n):
-                store(yr, j, a.dtype.type(round_to((a[j] - mu) * rs, xhat)) * weff[j] + beff[j])
-
-
 def build_fwd(compute, x, r, params, y, h, xhat):
     """The forward kernel for these storage types ("" for an absent tensor; params: the
-    weight's and bias's, whichever are present; xhat: the type x̂ is rounded to, "" for none)."""
+    weight's and bias's, whichever are present; xhat: the type x̂ is rounded to, "" for none).
+
+    Row by row: the row to normalize is x itself when stored in the compute type, else x
+    converted into scratch, or, with h, h = residual + dropout(x) rounded to h's storage type
+    (and read back as rounded); then its statistics, exact two-pass from the cached row, then y."""
     ct, xt, rt, yt, ht, xhatt = (storage_type(s) for s in (compute, x, r, y, h, xhat))
     pt = storage_type(params or compute)
-    xhat_like = None if xhatt is None else xhatt(0)
+    # The specialization's constants (numba prunes the branches they rule out):
+    with_h, with_residual, x_in_place = ht is not None, rt is not None, xt == ct
+    params_native, round_xhat = pt == ct, xhatt is not None
+    xhat_like = xhatt(0) if round_xhat else ct(0)
     csize = np.dtype(ct).itemsize
     size, eps_, p_, scale_ = len(FWD), *FWD.slots("eps", "p", "scale")
     x_, r_, w_, b_, y_, h_, mean_, rstd_, scr_ = FWD.slots(
@@ -274,116 +157,103 @@ def build_fwd(compute, x, r, params, y, h, xhat):
     def entry(block):
         a, f = ints(block, size), floats(block, size)
         m, n, sx, sr = a[m_], a[n_], a[sx_], a[sr_]
+        is_rms, zc, stats = a[rms_] != 0, a[zc_] != 0, a[st_] != 0
+        has_w, has_b = a[hw_] != 0, a[hb_] != 0
+        eps, p, scale = ct(f[eps_]), np.float32(f[p_]), ct(f[scale_])
+        one, zero, inv_n = ct(1), ct(0), ct(1) / ct(n)
         scratch = at(a[scr_] + thread_id() * SCRATCH_ROWS * n * csize, SCRATCH_ROWS * n, ct)
-        weff = _param_row(at(a[w_], n, pt), a[hw_] != 0, a[zc_] != 0, ct(1), n, scratch[:n])
-        beff = _param_row(at(a[b_], n, pt), a[hb_] != 0, False, ct(0), n, scratch[n:2 * n])
-        drop = (np.float32(f[p_]), ct(f[scale_]), a[lo_], a[hi_])
+        w, b = at(a[w_], n, pt), at(a[b_], n, pt)
+        if params_native and has_w and has_b and not zc:  # (the launcher gives no scratch then)
+            weff, beff = w, b
+        else:
+            weff, beff = scratch[:n], scratch[n:2 * n]
+            _param_rows(w, has_w, b, has_b, zc, n, weff, beff)
+        buf = scratch[2 * n:3 * n]
+        x_rows, y_rows = at(a[x_], (m - 1) * sx + n, xt), at(a[y_], m * n, yt)
+        h_rows, r_rows = at(a[h_], m * n, ht), at(a[r_], (m - 1) * sr + n, rt)
+        mean, rstd = at(a[mean_], m, ct), at(a[rstd_], m, ct)
         lo, hi = my_share(m)
-        _fwd_rows(at(a[x_], (m - 1) * sx + n, xt), sx, at(a[r_], (m - 1) * sr + n, rt), sr,
-                  at(a[y_], m * n, yt), at(a[h_], m * n, ht), at(a[mean_], m, ct),
-                  at(a[rstd_], m, ct), a[st_] != 0, weff, beff, scratch[2 * n:3 * n],
-                  scratch[3 * n:4 * n], lo, hi, n, ct(f[eps_]), a[rms_] != 0, drop, xhat_like)
+        for i in range(lo, hi):
+            xr = x_rows[i * sx:i * sx + n]
+            if with_h:  # h = residual + dropout(x), rounded to its storage type before the norm
+                for j in range(n):
+                    buf[j] = load(xr, j)
+                if p > 0:
+                    _dropout_row(buf, n, i * n, p, scale, a[lo_], a[hi_])
+                if with_residual:
+                    rr = r_rows[i * sr:i * sr + n]
+                    for j in range(n):
+                        buf[j] += load(rr, j)
+                hr = h_rows[i * n:i * n + n]
+                for j in range(n):
+                    store(hr, j, buf[j])
+                    buf[j] = load(hr, j)
+                row = buf
+            elif x_in_place:
+                row = xr
+            else:
+                for j in range(n):
+                    buf[j] = load(xr, j)
+                row = buf
+            # the statistics: Σx (Σx² for RMSNorm), then for LayerNorm the corrected two-pass
+            # variance: the deviations' own sum removes the rounding error of the first mean
+            # (Chan, Golub & LeVeque), which matters for rows far from zero (mean 1e4, unit
+            # spread). Outside the sums IEEE order: inf and NaN rows come out as torch's.
+            if is_rms:
+                s = row[0] * row[0]
+                for j in range(1, n):
+                    s = rfma(s, row[j], row[j])
+                mu, rs = zero, one / np.sqrt(s * inv_n + eps)
+            else:
+                s = row[0]
+                for j in range(1, n):
+                    s = radd(s, row[j])
+                mu = s * inv_n
+                d = row[0] - mu
+                sd, ss = d, d * d
+                for j in range(1, n):
+                    d = row[j] - mu
+                    sd = radd(sd, d)
+                    ss = rfma(ss, d, d)
+                var = (ss - sd * inv_n * sd) * inv_n
+                if var < zero:  # not max(): a NaN row must stay NaN
+                    var = zero
+                elif np.isinf(ss):  # squares overflowed: the variance is inf, not inf - inf
+                    var = ss
+                mu, rs = mu + sd * inv_n, one / np.sqrt(var + eps)
+            if stats:
+                if not is_rms:
+                    mean[i] = mu
+                rstd[i] = rs
+            yr = y_rows[i * n:i * n + n]
+            if round_xhat:  # x̂ rounded first: the cast order of Hugging Face's Llama and T5 norms
+                for j in range(n):
+                    store(yr, j, ct(round_to((row[j] - mu) * rs, xhat_like)) * weff[j] + beff[j])
+            else:
+                for j in range(n):
+                    store(yr, j, (row[j] - mu) * rs * weff[j] + beff[j])
 
-    return cfunc(entry)
-
-
-@njit(**OPTS)
-def _dropout_row(buf, n, base, dropout, zero):
-    # multiply by 0 rather than assign it: a dropped inf or NaN gives NaN, as in torch
-    p, scale, seed_lo, seed_hi = dropout
-    for j in range(n):
-        buf[j] *= scale if _uniform(seed_lo, seed_hi, base + j) >= p else zero
+    return cfunc(entry, fastmath=_FMA)
 
 
 # --- backward ------------------------------------------------------------------------------------
 
 
-@njit(fastmath=_REDUCE, **OPTS)
-def _grad_pass(a, d, weff, mu, rs, n, xh):
-    """One pass over the row: xh = x̂ = (a - mu)·rs and the sums (Σ g, Σ g·x̂), g = dy·w_eff."""
-    x0 = (a[0] - mu) * rs
-    xh[0] = x0
-    g = d[0] * weff[0]
-    sg, sgx = g, g * x0
-    for j in range(1, n):
-        xj = (a[j] - mu) * rs
-        xh[j] = xj
-        g = d[j] * weff[j]
-        sg += g
-        sgx += g * xj
-    return sg, sgx
-
-
-@njit(fastmath=_FMA, **OPTS)
-def _bwd_block(dy, sdy, hs, shs, mean, rstd, dho, sdho, dx, dr, dw_blk, db_blk, acc, weff,
-               beff, xh, gb, tb, ob, lo, hi, n, is_rms, dropout, from_output):
-    """Rows lo..hi-1 of the backward, their weight gradients summed into dw_blk, db_blk. dho
-    (the gradient flowing into h), dr (dresidual), dropout and from_output (the memory-saving
-    mode: hs is y) are None when absent, and then left out of the compiled code."""
-    one, zero = gb.dtype.type(1), gb.dtype.type(0)
-    inv_n = one / gb.dtype.type(n)
-    if acc >= 1:  # zeroed here, by the thread that fills them, not by a torch op
-        dw_blk[:] = zero
-    if acc == 2:
-        db_blk[:] = zero
-    for i in range(lo, hi):
-        d, a = row_view(dy, i * sdy, n, gb), row_view(hs, i * shs, n, ob)
-        rs = rstd[i]
-        if from_output is not None:  # a is y: x̂ = (y - b) / w_eff, then taken as it is below
-            for j in range(n):
-                tb[j] = (a[j] - beff[j]) / weff[j]
-            sg, sgx = _grad_pass(tb, d, weff, zero, one, n, xh)
-        else:
-            sg, sgx = _grad_pass(a, d, weff, zero if is_rms else mean[i], rs, n, xh)
-        # (apart from _grad_pass: LLVM vectorizes behind run-time alias checks, one per pair
-        # of arrays, and gives up past a handful of pairs)
-        if acc == 2:
-            for j in range(n):
-                dw_blk[j] += d[j] * xh[j]
-                db_blk[j] += d[j]
-        elif acc == 1:
-            for j in range(n):
-                dw_blk[j] += d[j] * xh[j]
-        mg, mgx = zero if is_rms else sg * inv_n, sgx * inv_n
-        if dho is None and dr is None and dropout is None:  # dx straight to its output
-            o = dx[i * n:i * n + n]
-            for j in range(n):
-                store(o, j, rs * (d[j] * weff[j] - mg - xh[j] * mgx))
-        else:  # dh = dnorm + dh_out; dresidual = dh; dx = dropout'(dh)
-            for j in range(n):
-                tb[j] = rs * (d[j] * weff[j] - mg - xh[j] * mgx)
-            if dho is not None:
-                hr = dho[i * sdho:i * sdho + n]
-                for j in range(n):
-                    tb[j] += load(hr, j)
-            if dr is not None:
-                store_row(dr, i * n, n, tb)
-            if dropout is not None:
-                _dropout_row(tb, n, i * n, dropout, zero)
-            store_row(dx, i * n, n, tb)
-
-
-@njit(**OPTS)
-def _sum_blocks(parts, nb, n, lo, hi, out):
-    """out[lo:hi] = Σ_k parts[k, lo:hi] over the nb partial rows, in the order k = 0, 1, ...
-    (deterministic whatever the split of the columns between threads)."""
-    for j in range(lo, hi):
-        out[j] = parts[j]
-    for k in range(1, nb):
-        part = parts[k * n + lo:k * n + hi]
-        o = out[lo:hi]
-        for j in range(hi - lo):
-            o[j] += part[j]
-
-
 def build_bwd(compute, dy, hs, params, dho, dx, dr, dropout, from_output):
     """The backward kernel for these storage types ("" for an absent tensor; params: the
     weight's and bias's, whichever are present); dropout: "1" when the forward drew a dropout
-    mask; from_output: "1" in the memory-saving mode (hs is the forward's output)."""
-    output_mode = 1 if from_output else None
+    mask; from_output: "1" in the memory-saving mode (hs is the forward's output).
+
+    Each thread takes whole blocks of rows (their number depends on M and N only); a block sums
+    its rows' weight gradients into its own partial row, and after a barrier each thread adds
+    its columns of the partial rows in block order: bitwise deterministic."""
     ct, dyt, hst, dhot, dxt, drt = (storage_type(s) for s in (compute, dy, hs, dho, dx, dr))
     pt = storage_type(params or compute)
-    with_dropout = bool(dropout)
+    # The specialization's constants (numba prunes the branches they rule out):
+    with_dropout, output_mode = bool(dropout), bool(from_output)
+    with_dh, with_dres = dhot is not None, drt is not None
+    dx_direct = not (with_dh or with_dres or with_dropout)  # dx straight to its output
+    dy_in_place, saved_in_place, params_native = dyt == ct, hst == ct, pt == ct
     csize = np.dtype(ct).itemsize
     size, p_, scale_ = len(BWD), *BWD.slots("p", "scale")
     dy_, hs_, w_, b_, mean_, rstd_, dho_, dx_, dr_, parts_, dw_, db_, scr_ = BWD.slots(
@@ -397,30 +267,114 @@ def build_bwd(compute, dy, hs, params, dho, dx, dr, dropout, from_output):
         a, f = ints(block, size), floats(block, size)
         m, n, nb, acc = a[m_], a[n_], a[nb_], a[acc_]
         sdy, shs, sdho = a[sdy_], a[shs_], a[sdho_]
+        is_rms, zc, has_w, has_b = a[rms_] != 0, a[zc_] != 0, a[hw_] != 0, a[hb_] != 0
+        p, scale = np.float32(f[p_]), ct(f[scale_])
+        one, zero = ct(1), ct(0)
+        inv_n = one / ct(n)
         parts = at(a[parts_], 2 * nb * n, ct)  # dweight's partial rows, then dbias's
         scratch = at(a[scr_] + thread_id() * SCRATCH_ROWS * n * csize, SCRATCH_ROWS * n, ct)
-        weff = _param_row(at(a[w_], n, pt), a[hw_] != 0, a[zc_] != 0, ct(1), n, scratch[:n])
-        beff = _param_row(at(a[b_], n, pt), a[hb_] != 0, False, ct(0), n, scratch[n:2 * n])
-        drop = (np.float32(f[p_]), ct(f[scale_]), a[lo_], a[hi_]) if with_dropout else None
+        w, b = at(a[w_], n, pt), at(a[b_], n, pt)
+        if params_native and has_w and has_b and not zc:
+            weff, beff = w, b
+        else:
+            weff, beff = scratch[:n], scratch[n:2 * n]
+            _param_rows(w, has_w, b, has_b, zc, n, weff, beff)
+        xh, gb, tb, ob = (scratch[2 * n:3 * n], scratch[3 * n:4 * n], scratch[4 * n:5 * n],
+                          scratch[5 * n:])
+        dy_rows, hs_rows = at(a[dy_], (m - 1) * sdy + n, dyt), at(a[hs_], (m - 1) * shs + n, hst)
+        dho_rows = at(a[dho_], (m - 1) * sdho + n, dhot)
+        dx_rows, dr_rows = at(a[dx_], m * n, dxt), at(a[dr_], m * n, drt)
+        mean, rstd = at(a[mean_], m, ct), at(a[rstd_], m, ct)
         per = (m + nb - 1) // nb
         lo, hi = my_share(nb)
         for blk in range(lo, hi):
-            _bwd_block(at(a[dy_], (m - 1) * sdy + n, dyt), sdy, at(a[hs_], (m - 1) * shs + n, hst),
-                       shs, at(a[mean_], m, ct), at(a[rstd_], m, ct),
-                       at(a[dho_], (m - 1) * sdho + n, dhot), sdho, at(a[dx_], m * n, dxt),
-                       at(a[dr_], m * n, drt), parts[blk * n:(blk + 1) * n],
-                       parts[(nb + blk) * n:(nb + blk + 1) * n], acc, weff, beff,
-                       scratch[2 * n:3 * n], scratch[3 * n:4 * n], scratch[4 * n:5 * n],
-                       scratch[5 * n:], blk * per, min(m, (blk + 1) * per), n, a[rms_] != 0,
-                       drop, output_mode)
-        if acc > 0:
-            barrier()  # every partial row is complete; then each thread sums its columns
-            c0, c1 = my_share(n)
-            _sum_blocks(parts, nb, n, c0, c1, at(a[dw_], n, ct))
+            dw_blk, db_blk = parts[blk * n:(blk + 1) * n], parts[(nb + blk) * n:(nb + blk + 1) * n]
+            if acc >= 1:  # zeroed here, by the thread that fills them, not by a torch op
+                dw_blk[:] = zero
             if acc == 2:
-                _sum_blocks(parts[nb * n:], nb, n, c0, c1, at(a[db_], n, ct))
+                db_blk[:] = zero
+            end = (blk + 1) * per  # (not min(): a numba function of its own to compile)
+            for i in range(blk * per, end if end < m else m):  # noqa: FURB136
+                if dy_in_place:
+                    d = dy_rows[i * sdy:i * sdy + n]
+                else:
+                    dyr = dy_rows[i * sdy:i * sdy + n]
+                    for j in range(n):
+                        gb[j] = load(dyr, j)
+                    d = gb
+                if saved_in_place:
+                    row = hs_rows[i * shs:i * shs + n]
+                else:
+                    hsr = hs_rows[i * shs:i * shs + n]
+                    for j in range(n):
+                        ob[j] = load(hsr, j)
+                    row = ob
+                rs = rstd[i]
+                if output_mode:  # row is y: x̂ = (y - b) / w_eff, then taken as it is below
+                    for j in range(n):
+                        tb[j] = (row[j] - beff[j]) / weff[j]
+                    row, mu, r = tb, zero, one
+                else:
+                    mu, r = zero if is_rms else mean[i], rs
+                # one pass: xh = x̂ and the sums (Σ g, Σ g·x̂), g = dy·w_eff
+                x0 = (row[0] - mu) * r
+                xh[0] = x0
+                g = d[0] * weff[0]
+                sg, sgx = g, g * x0
+                for j in range(1, n):
+                    xj = (row[j] - mu) * r
+                    xh[j] = xj
+                    g = d[j] * weff[j]
+                    sg = radd(sg, g)
+                    sgx = rfma(sgx, g, xj)
+                # (apart from the pass above: LLVM vectorizes behind run-time alias checks, one
+                # per pair of arrays, and gives up past a handful of pairs)
+                if acc == 2:
+                    for j in range(n):
+                        dw_blk[j] += d[j] * xh[j]
+                        db_blk[j] += d[j]
+                elif acc == 1:
+                    for j in range(n):
+                        dw_blk[j] += d[j] * xh[j]
+                mg, mgx = zero if is_rms else sg * inv_n, sgx * inv_n
+                if dx_direct:
+                    o = dx_rows[i * n:i * n + n]
+                    for j in range(n):
+                        store(o, j, rs * (d[j] * weff[j] - mg - xh[j] * mgx))
+                else:  # dh = dnorm + dh_out; dresidual = dh; dx = dropout'(dh)
+                    for j in range(n):
+                        tb[j] = rs * (d[j] * weff[j] - mg - xh[j] * mgx)
+                    if with_dh:
+                        hr = dho_rows[i * sdho:i * sdho + n]
+                        for j in range(n):
+                            tb[j] += load(hr, j)
+                    if with_dres:
+                        o = dr_rows[i * n:i * n + n]
+                        for j in range(n):
+                            store(o, j, tb[j])
+                    if with_dropout:
+                        _dropout_row(tb, n, i * n, p, scale, a[lo_], a[hi_])
+                    o = dx_rows[i * n:i * n + n]
+                    for j in range(n):
+                        store(o, j, tb[j])
+        if acc > 0:
+            barrier()  # every partial row is complete; then each thread sums its columns, the
+            c0, c1 = my_share(n)  # partial rows in the order k = 0, 1, ... (deterministic)
+            dw, db = at(a[dw_], n, ct), at(a[db_], n, ct)
+            for j in range(c0, c1):
+                dw[j] = parts[j]
+                if acc == 2:
+                    db[j] = parts[nb * n + j]
+            for k in range(1, nb):
+                part, o = parts[k * n + c0:k * n + c1], dw[c0:c1]
+                for j in range(c1 - c0):
+                    o[j] += part[j]
+                if acc == 2:
+                    part, o = parts[(nb + k) * n + c0:(nb + k) * n + c1], db[c0:c1]
+                    for j in range(c1 - c0):
+                        o[j] += part[j]
 
-    return cfunc(entry)
+    return cfunc(entry, fastmath=_FMA)
 
 
 __all__ = ["build_bwd", "build_fwd", "build_keep_mask", "is_half"]
