@@ -107,3 +107,20 @@ def test_channel_norm_ops_are_checked_and_keep_their_layout(tmp_path, monkeypatc
     assert rc == 0
     x = cases.make_inputs("batch_norm_nhwc", torch.float32, (2, 8, 3, 3), "cpu").args[0]
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def test_models_bench_sample_lasts_the_minimum_not_each_call(monkeypatch):
+    # A fake clock: each call of the step takes 10 ms. A sample of at least 50 ms is 8 calls;
+    # comparing each call's time to the minimum instead would take the 1024-call cap (a 14 ms
+    # inference step then made 14 s samples and 40-minute runs).
+    from fusednorm.bench import models
+
+    now = [0.0]
+
+    def step():
+        now[0] += 0.01
+
+    monkeypatch.setattr(models.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(models.time, "process_time", lambda: now[0])
+    assert models.calls_per_sample(step, 0.05) == 8
+    assert models.calls_per_sample(step, 0.005) == 1

@@ -88,7 +88,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="for --models, a comma list of eager (patched), fused "
                    "(fuse_residual=True), compiled, compiled+fused (torch.compile, against the "
                    "unpatched model compiled), no-norm (the norms replaced by nn.Identity: the "
-                   "ceiling of any norm's speed-up); default eager")
+                   "ceiling of any norm's speed-up), copy (an unpatched copy: the noise floor); "
+                   "default eager")
     p.add_argument("--quick", action="store_true",
                    help="the headline shapes (4096x4096, 32768x768, 8192x1024): layer_norm, "
                    "fwd and fwdbwd, fusednorm and torch against a copy, plus the per-call "

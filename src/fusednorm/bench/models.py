@@ -4,7 +4,8 @@ A norm library is judged where users run it: inside a model, where the norms are
 the time and a slower call or a second thread pool shows as a net loss. Each case builds a
 randomly initialised model (no download) and copies of it patched with `fusednorm.patch`, checks
 that all give the same logits, then times them in interleaved rounds in one process (each
-round: one sample of each, in an order that alternates). The figure is the median over rounds
+round: one sample of each, in an order that alternates; a sample is as many back-to-back steps
+as last half a second, one training step). The figure is the median over rounds
 of the per-round speed-up, unpatched time / patched time (above 1: fusednorm faster), with its
 quartiles; the same from the process's CPU time, steadier than the wall clock when other
 processes share the cores.
@@ -12,7 +13,8 @@ processes share the cores.
 Workloads: a training step (forward with the loss, and backward) on 8×256 tokens, and inference
 (no grad) on 1×1 and 1×64 tokens (no KV cache). Variants: `eager` (patched), `fused`
 (patch(fuse_residual=True), models with decoder layers), and the same under torch.compile
-(default mode) against the unpatched model compiled: `compiled`, `compiled+fused`.
+(default mode) against the unpatched model compiled: `compiled`, `compiled+fused`. References:
+`no-norm` (the ceiling) and `copy` (the noise floor), see VARIANTS.
 """
 
 from __future__ import annotations
@@ -55,10 +57,13 @@ def llama(dtype: torch.dtype) -> torch.nn.Module:
 
 MODELS = {"gpt2": gpt2, "llama": llama}
 FUSABLE = {"llama"}  # models whose decoder layers patch(fuse_residual=True) knows
-# variant -> (compiled, fuse_residual); "no-norm" replaces the norms by nn.Identity: not a
-# result but the ceiling, the speed-up a norm that cost nothing would give
+# variant -> (compiled, fuse_residual). Two are not results but references: "no-norm" replaces
+# the norms by nn.Identity (the ceiling, the speed-up a norm that cost nothing would give);
+# "copy" is an unpatched copy of the model, timed like the patched ones: its speed-up is 1.0 but
+# for the noise of the machine, which it shows case by case
 VARIANTS = {"eager": (False, False), "fused": (False, True), "compiled": (True, False),
-            "compiled+fused": (True, True), "no-norm": (False, None)}
+            "compiled+fused": (True, True), "no-norm": (False, None), "copy": (False, None)}
+_NOTES = {"no-norm": "  (ceiling: no norm at all)", "copy": "  (noise: an unpatched copy)"}
 
 
 def _transformers():
@@ -118,6 +123,9 @@ def case(model_name: str, workload: str, dtype: torch.dtype, variants=("eager",)
              _step(wrap(base), ids, train))
     for variant in variants:
         ours = copy.deepcopy(base)
+        if variant == "copy":
+            c.patched[variant] = _step(ours, ids, train)
+            continue
         report = fusednorm.patch(ours, fuse_residual=bool(VARIANTS[variant][1]))
         if not report.replaced:
             raise RuntimeError(f"fusednorm.patch replaced nothing in {model_name}: {report}")
@@ -139,16 +147,22 @@ def case(model_name: str, workload: str, dtype: torch.dtype, variants=("eager",)
     return c
 
 
-def measure(c: Case, rounds: int, min_sample_s: float = 0.05) -> list[dict]:
+def calls_per_sample(fn: Callable[[], object], min_sample_s: float) -> int:
+    """The fewest back-to-back calls (a power of two) that last min_sample_s together."""
+    k = 1
+    while _time(fn, k)[0] * k < min_sample_s and k < 1024:
+        k *= 2
+    return k
+
+
+def measure(c: Case, rounds: int, min_sample_s: float = 0.5) -> list[dict]:
     """Per variant: median per-call times and the median per-round speed-up unpatched/patched
     (wall clock and CPU time), with quartiles."""
     fns = {"unpatched": c.unpatched, **c.patched}
     for _ in range(2):  # warm-up (compilation, plans, allocator)
         for fn in fns.values():
             fn()
-    k = 1
-    while _time(c.unpatched, k)[0] < min_sample_s and k < 1024:
-        k *= 2
+    k = calls_per_sample(c.unpatched, min_sample_s)
     times = {name: [] for name in fns}
     order = list(fns)
     for r in range(rounds):
@@ -206,5 +220,5 @@ def table(rows: list[dict]) -> str:
             f"{r['patched_ms']:>8.2f}ms {r['speedup']:>8.3f}x  "
             f"{r['speedup_q1']:.3f}-{r['speedup_q3']:.3f}  {r['speedup_cpu']:>7.3f}x  "
             f"{r['speedup_cpu_q1']:.3f}-{r['speedup_cpu_q3']:.3f}"
-            + ("  (ceiling: no norm at all)" if r["variant"] == "no-norm" else ""))
+            + _NOTES.get(r["variant"], ""))
     return "\n".join(lines)
