@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -101,6 +102,31 @@ def test_cache_directory_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert _launch.cache_dir().parent == tmp_path / "xdg" / "fusednorm"
     assert "site-packages" not in str(_launch.cache_dir())
+
+
+def test_a_new_build_folder_removes_builds_unused_for_a_month(tmp_path):
+    """Each build of the kernels (fusednorm, numba, CPU, source) gets its own folder; making a
+    new one removes the siblings nobody has loaded from for STALE_AFTER_S, and nothing else."""
+    old = time.time() - _launch.STALE_AFTER_S - 3600
+    for name in ("kernels-stale", "kernels-recent", "unrelated"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "k.o").write_bytes(b"x")
+    for name in ("kernels-stale", "unrelated"):
+        os.utime(tmp_path / name, (old, old))
+    new = tmp_path / "kernels-new"
+    _launch._store(new, new / "k.o", new / "k.json", b"obj", {"key": []})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "kernels-new", "kernels-recent", "unrelated"]
+    assert (new / "k.o").read_bytes() == b"obj"
+
+
+def test_loading_from_a_build_folder_marks_it_used(tmp_path):
+    folder = tmp_path / "kernels-x"
+    folder.mkdir()
+    old = time.time() - _launch.STALE_AFTER_S - 3600
+    os.utime(folder, (old, old))
+    _launch._mark_used(folder)
+    assert folder.stat().st_mtime > old + 3600
 
 
 def test_a_kernel_needing_an_unknown_symbol_is_not_loaded():

@@ -23,9 +23,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -320,6 +322,7 @@ class Kernel:
             if meta["key"] == list(key):
                 addr = rt.load(obj_path.read_bytes(), meta)
                 if addr:
+                    _mark_used(folder)
                     return addr
         except (OSError, ValueError, KeyError):
             pass
@@ -334,10 +337,42 @@ class Kernel:
         return addr
 
 
+# A build folder nobody has used for this long is removed when a new one is made (an upgrade):
+# at worst an old install that comes back compiles its kernels again.
+STALE_AFTER_S = 30 * 24 * 3600
+
+
+def prune_stale_builds(root: Path, keep: str) -> None:
+    """Remove the kernel folders under root, other than `keep`, unused for STALE_AFTER_S (a
+    process that loads from a folder marks it used: `_mark_used`)."""
+    cutoff = time.time() - STALE_AFTER_S
+    try:
+        for path in root.glob("kernels-*"):
+            if path.name != keep and path.is_dir() and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass
+
+
+_marked: set[Path] = set()
+
+
+def _mark_used(folder: Path) -> None:
+    """Once per process and folder: its modification time says it is in use."""
+    if folder not in _marked:
+        _marked.add(folder)
+        try:
+            os.utime(folder)
+        except OSError:
+            pass
+
+
 def _store(folder: Path, obj_path: Path, meta_path: Path, obj: bytes, meta: dict) -> None:
     """Write atomically (the metadata last): concurrent processes may compile the same kernel."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():  # a new build of the kernels: older ones may be left behind
+            folder.mkdir(parents=True, exist_ok=True)
+            prune_stale_builds(folder.parent, folder.name)
         for path, data in ((obj_path, obj), (meta_path, json.dumps(meta).encode())):
             tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_bytes(data)
