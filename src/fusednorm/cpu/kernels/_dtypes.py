@@ -320,14 +320,6 @@ def load_row(src, off, n, dst):
         dst[j] = load(s, j)
 
 
-@njit(inline="always", **OPTS)
-def store_row(dst, off, n, src):
-    """dst[off:off + n] = src[:n] rounded to dst's storage type."""
-    d = dst[off:off + n]
-    for j in range(n):
-        store(d, j, src[j])
-
-
 def as_float(a, j):
     """Element j of a float array, or of a bfloat16 one converted in place (float16 is too slow
     to convert again per sweep: kernels copy it to scratch instead)."""
@@ -356,16 +348,3 @@ def _row_view(src, off, n, buf):
         load_row(src, off, n, buf)
         return buf[:n]
     return convert
-
-
-def same_or(a, alt):
-    """(a, True) when array a has alt's type (read or written in place), else (alt, False).
-    Decided at compile time."""
-    raise NotImplementedError
-
-
-@overload(same_or)
-def _same_or(a, alt):
-    if a == alt:
-        return lambda a, alt: (a, True)
-    return lambda a, alt: (alt, False)
