@@ -109,18 +109,17 @@ def test_channel_norm_ops_are_checked_and_keep_their_layout(tmp_path, monkeypatc
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def test_models_bench_sample_lasts_the_minimum_not_each_call(monkeypatch):
+def test_a_sample_lasts_the_minimum_not_each_call(monkeypatch):
     # A fake clock: each call of the step takes 10 ms. A sample of at least 50 ms is 8 calls;
-    # comparing each call's time to the minimum instead would take the 1024-call cap (a 14 ms
-    # inference step then made 14 s samples and 40-minute runs).
-    from fusednorm.bench import models
+    # comparing each call's time to the minimum instead would take the cap (--models once did:
+    # a 14 ms inference step then made 14 s samples and 40-minute runs).
+    from fusednorm.bench import timing
 
     now = [0.0]
 
     def step():
         now[0] += 0.01
 
-    monkeypatch.setattr(models.time, "perf_counter", lambda: now[0])
-    monkeypatch.setattr(models.time, "process_time", lambda: now[0])
-    assert models.calls_per_sample(step, 0.05) == 8
-    assert models.calls_per_sample(step, 0.005) == 1
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    assert timing.calls_per_sample(step, 0.05) == 8
+    assert timing.calls_per_sample(step, 0.005) == 1

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import fusednorm
+from fusednorm.bench.timing import calls_per_sample
 
 SHAPES = ((1, 768), (8, 768), (1, 4096))
 GROUP_SHAPE = (2, 32, 4, 4)
@@ -82,18 +83,6 @@ def cases(dtype: torch.dtype = torch.float32) -> list[Case]:
     return out
 
 
-def _calls_for(fn: Callable[[], object], sample_s: float) -> int:
-    """Back-to-back calls for a sample of about sample_s seconds."""
-    k = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(k):
-            fn()
-        if time.perf_counter() - t0 >= sample_s or k >= 1 << 16:
-            return k
-        k *= 2
-
-
 def _sample(fn: Callable[[], object], k: int) -> float:
     t0 = time.perf_counter()
     for _ in range(k):
@@ -106,7 +95,8 @@ def measure(case: Case, rounds: int, sample_s: float) -> dict:
     for fn in (case.ours, case.theirs):
         for _ in range(20):  # compile, plan, allocator
             fn()
-    k_ours, k_theirs = _calls_for(case.ours, sample_s), _calls_for(case.theirs, sample_s)
+    k_ours = calls_per_sample(case.ours, sample_s)
+    k_theirs = calls_per_sample(case.theirs, sample_s)
     ours, theirs, ratios = [], [], []
     for r in range(rounds):
         if r % 2:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 import fusednorm
+from fusednorm.bench.timing import calls_per_sample
 
 WIDTH, LAYERS, HEADS = 768, 4, 12
 WORKLOADS = {"train 8x256": (8, 256, True), "infer 1x1": (1, 1, False),
@@ -145,14 +146,6 @@ def case(model_name: str, workload: str, dtype: torch.dtype, variants=("eager",)
             raise RuntimeError(f"{c.name} {variant}: patched logits differ by {err:.3g}")
         c.patched[variant] = _step(ours, ids, train)
     return c
-
-
-def calls_per_sample(fn: Callable[[], object], min_sample_s: float) -> int:
-    """The fewest back-to-back calls (a power of two) that last min_sample_s together."""
-    k = 1
-    while _time(fn, k)[0] * k < min_sample_s and k < 1024:
-        k *= 2
-    return k
 
 
 def measure(c: Case, rounds: int, min_sample_s: float = 0.5) -> list[dict]:

@@ -24,6 +24,19 @@ from fusednorm.bench.cases import Inputs
 from fusednorm.bench.providers import Fn
 
 
+def calls_per_sample(fn: Callable[[], object], min_sample_s: float) -> int:
+    """The fewest back-to-back calls of fn (a power of two, at most 2**16) that last
+    min_sample_s together, on the CPU clock (the whole-call suites: --calls, --models)."""
+    k = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(k):
+            fn()
+        if time.perf_counter() - t0 >= min_sample_s or k >= 1 << 16:
+            return k
+        k *= 2
+
+
 def n_copies(device: str, case_bytes: int) -> int:
     if device != "cuda":
         return 1
