@@ -123,3 +123,21 @@ def test_a_sample_lasts_the_minimum_not_each_call(monkeypatch):
     monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
     assert timing.calls_per_sample(step, 0.05) == 8
     assert timing.calls_per_sample(step, 0.005) == 1
+
+
+def test_vmap_suite_counts_one_launch_per_vmapped_call():
+    """`bench --vmap`'s plumbing on a tiny case: timings, ratios and the launch count."""
+    import torch.func as tf
+
+    import fusednorm
+    from fusednorm.bench import transforms
+
+    x, w = torch.randn(4, 3, 8), torch.randn(8)
+    case = transforms.Case(
+        "tiny", lambda: tf.vmap(lambda xi: fusednorm.layer_norm(xi, (8,), w))(x),
+        lambda: tf.vmap(lambda xi: torch.nn.functional.layer_norm(xi, (8,), w))(x),
+        lambda: [fusednorm.layer_norm(xi, (8,), w) for xi in x], "row_norm")
+    row = transforms.measure(case, rounds=2, sample_s=1e-4)
+    assert row["launches"] == 1
+    assert row["ours_ms"] > 0 and row["torch_over_ours"] > 0 and row["loop_over_ours"] > 0
+    assert "tiny" in transforms.table([row])

@@ -1,5 +1,6 @@
 """fusednorm under torch.distributed on CPU (gloo): DDP and FSDP2 train as one process does;
-the sequence-parallel recipe of docs/DESIGN.md; DTensor inputs.
+the sequence-parallel recipe of docs/DESIGN.md with plain tensors (DTensor tensor and sequence
+parallelism: test_tensor_parallel.py).
 
 Two spawned processes (fork would hang in OpenMP), rendezvous through a file in tmp_path (no
 port to race for). The workers load the test run's -p plugins, so they run the same kernels.
@@ -70,18 +71,18 @@ def train(model, rank=0, world=1):
             for k, v in model.state_dict().items()}
 
 
-def run_workers(worker, request, tmp_path, *args):
+def run_workers(worker, request, tmp_path, *args, world=WORLD):
     plugins = [p for p in request.config.option.plugins or [] if not p.startswith("no:")]
-    mp.spawn(_bootstrap, args=(worker, f"file://{tmp_path}/rendezvous", plugins, tmp_path,
-                               *args), nprocs=WORLD, join=True)
+    mp.spawn(_bootstrap, args=(worker, f"file://{tmp_path}/rendezvous", plugins, tmp_path, world,
+                               *args), nprocs=world, join=True)
     return torch.load(tmp_path / "rank0.pt")
 
 
-def _bootstrap(rank, worker, init, plugins, tmp_path, *args):
+def _bootstrap(rank, worker, init, plugins, tmp_path, world, *args):
     for name in plugins:
         importlib.import_module(name)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         result = worker(rank, *args)
         if rank == 0:
@@ -153,28 +154,3 @@ def test_sequence_parallel_recipe(request, tmp_path):
     for got, p in zip(grads, [*ln.parameters(), *rms.parameters()]):
         torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, x.grad, rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture
-def one_process_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_dtensor_is_refused_with_directions_unless_torch_runs(one_process_group):
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-    mesh = one_process_group
-    x, w = torch.randn(4, 6, D), torch.randn(D)
-    dx, dw = distribute_tensor(x, mesh, [Shard(1)]), distribute_tensor(w, mesh, [Replicate()])
-    for call in (lambda: fusednorm.layer_norm(dx, (D,), dw),
-                 lambda: fusednorm.rms_norm(x, (D,), dw),
-                 lambda: fusednorm.LayerNorm(D)(dx)):
-        with pytest.raises(TypeError, match=r"to_local\(\).*all-reduce.*Sequence parallelism"):
-            call()
-    with fusednorm.use_backend("torch"):
-        y = fusednorm.layer_norm(dx, (D,), dw)
-    torch.testing.assert_close(y.full_tensor(), nn.functional.layer_norm(x, (D,), w))

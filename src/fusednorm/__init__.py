@@ -2,6 +2,9 @@
 
 __version__ = "0.1.0"  # kept equal to pyproject.toml's by tests/test_packaging.py
 
+import sys
+
+from fusednorm import _dtensor
 from fusednorm._backend import current_backend, use_backend
 from fusednorm.batch_norms import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
 from fusednorm.group_norms import (
@@ -15,6 +18,9 @@ from fusednorm.group_norms import (
 from fusednorm.modules import LayerNorm, RMSNorm
 from fusednorm.patch import patch, unpatch
 from fusednorm.row_norm import layer_norm, rms_norm
+
+if "torch.distributed.tensor" in sys.modules:  # else registered when a DTensor first arrives
+    _dtensor.register()
 
 __all__ = [
     "BatchNorm1d",

@@ -1,8 +1,7 @@
-"""What torch's dispatcher does to its own norm ops, done for fusednorm's: autocast, DTensor.
+"""What torch's dispatcher does to its own norm ops, done for fusednorm's: autocast.
 
-Autocast and DTensor act on aten ops; fusednorm's kernels are not aten ops, so the public
-functions apply torch's autocast policy themselves, and refuse DTensors (which would reach the
-kernels as if they were the whole tensor).
+Autocast acts on dispatched ops; fusednorm's eager calls skip the dispatcher, so the public
+functions apply torch's autocast policy themselves.
 
 torch 2.13's autocast policy for layer_norm, rms_norm and group_norm, read from the dispatcher's
 registrations (``torch._C._dispatch_dump("aten::layer_norm")``) and checked by the tests:
@@ -15,11 +14,7 @@ registrations (``torch._C._dispatch_dump("aten::layer_norm")``) and checked by t
 
 from __future__ import annotations
 
-import sys
-
 import torch
-
-from fusednorm._backend import resolve
 
 _FLOAT32_OPS = {"cuda": frozenset({"layer_norm", "rms_norm", "group_norm"})}
 
@@ -31,27 +26,12 @@ def casts(device_type: str) -> bool:
 
 def autocast_cast(op_name: str, *tensors: torch.Tensor | None) -> tuple:
     """``tensors`` (None allowed; the input first) as torch's autocast passes them to
-    ``aten::<op_name>`` on the input's device. Raises for DTensors unless torch's own op runs."""
+    ``aten::<op_name>`` on the input's device."""
     x = tensors[0]
     if not isinstance(x, torch.Tensor):
         return tensors
-    _refuse_dtensor(x, tensors)
     device = x.device.type
     if op_name not in _FLOAT32_OPS.get(device, ()) or not torch.is_autocast_enabled(device):
         return tensors
     return tuple(t.to(torch.float32) if t is not None and t.device.type == device
                  and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
-
-
-def _refuse_dtensor(x: torch.Tensor, tensors: tuple) -> None:
-    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before its import
-    if dtensor is None or not any(isinstance(t, dtensor.DTensor) for t in tensors):
-        return
-    if resolve(x) != "torch":
-        raise TypeError(
-            "fusednorm's kernels take plain tensors, not DTensor. For sequence parallelism, "
-            "call the norm on the local shard (x.to_local(), with plain replicated weights) "
-            "and all-reduce its weight gradients over the sequence-parallel group (see "
-            "'Sequence parallelism' in docs/DESIGN.md); or run torch's op on the DTensor "
-            "with fusednorm.use_backend('torch')."
-        )

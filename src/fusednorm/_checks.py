@@ -24,11 +24,13 @@ def stand_in(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def raise_like_torch(torch_call: Callable[[], object], what: str) -> None:
-    """Run ``torch_call`` (torch's op on stand-ins) so that it raises torch's own error."""
+    """Run ``torch_call`` (torch's op on stand-ins) so that it raises torch's own error.
+
+    Returns when torch accepts what our checks refuse (say, parameters of a dtype the kernels do
+    not take): the caller then answers with torch's op on the real arguments, never with the
+    kernels on input they do not support. (`what` names the op, for the callers' messages.)"""
     with torch.no_grad():
         torch_call()
-    # torch accepted what our checks refuse: never compute silently on input we do not support.
-    raise RuntimeError(f"fusednorm: unsupported arguments for {what}")
 
 
 def params_ok(x: torch.Tensor, *params: torch.Tensor | None) -> bool:

@@ -61,7 +61,7 @@ def register_decompositions() -> None:
 
 def _row_norm_fwd(x, weight, bias, residual, eps, is_rms, zero_centered, dropout_p, seed,
                   out_dtype, residual_dtype, xhat_dtype, backend):
-    from fusednorm.row_norm import _affine, _normalized
+    from fusednorm._row_ops import affine, normalized
 
     stats = compute_dtype(x.dtype)
     h = x
@@ -69,33 +69,23 @@ def _row_norm_fwd(x, weight, bias, residual, eps, is_rms, zero_centered, dropout
         compute = compute_dtype(torch.promote_types(x.dtype, residual.dtype))
         h = (residual.to(compute) + x.to(compute)).to(residual_dtype)
     compute = compute_dtype(h.dtype)
-    xhat, mean, rstd = _normalized(h.to(compute), eps, is_rms)
-    y = _affine(xhat, weight, bias, zero_centered, out_dtype, xhat_dtype)
+    xhat, mean, rstd = normalized(h.to(compute), eps, is_rms)
+    y = affine(xhat, weight, bias, zero_centered, out_dtype, xhat_dtype)
     return (y, h if residual is not None else x.new_empty((0,)),
-            x.new_empty((0,), dtype=stats) if is_rms else mean.view(-1).to(stats),
-            rstd.view(-1).to(stats))
+            x.new_empty((0,), dtype=stats) if is_rms else mean.squeeze(-1).to(stats),
+            rstd.squeeze(-1).to(stats))
 
 
 def _row_norm_bwd(dy, h, weight, bias, mean, rstd, dh_out, eps, is_rms, zero_centered,
                   dropout_p, seed, has_residual, x_dtype, residual_dtype, need_weight_grad,
                   from_output, backend):
-    compute = rstd.dtype
-    rs = rstd.unsqueeze(-1)
-    hc = h.to(compute)
-    xhat = hc * rs if is_rms else (hc - mean.unsqueeze(-1)) * rs
-    d = dy.to(compute)
-    g = d
-    if weight is not None:
-        g = d * (weight.to(compute) + 1 if zero_centered else weight.to(compute))
-    dh = g - xhat * (g * xhat).mean(-1, keepdim=True)
-    if not is_rms:
-        dh = dh - g.mean(-1, keepdim=True)
-    dh = dh * rs
-    if dh_out is not None:
-        dh = dh + dh_out.to(compute)
+    from fusednorm._row_ops import first_order_grads
+
+    dh, _, dw, db = first_order_grads(dy, h, weight, dh_out, None, eps, is_rms, zero_centered,
+                                      1.0, bias is not None, rstd.dtype, (mean, rstd))
     empty = dy.new_empty((0,))
     need_dw = need_weight_grad and weight is not None
     need_db = need_weight_grad and bias is not None
     return (dh.to(x_dtype), dh.to(residual_dtype) if has_residual else empty,
-            (d * xhat).sum(0).to(weight.dtype) if need_dw else dy.new_empty((0,)),
-            d.sum(0).to(bias.dtype) if need_db else dy.new_empty((0,)))
+            dw.to(weight.dtype) if need_dw else dy.new_empty((0,)),
+            db.to(bias.dtype) if need_db else dy.new_empty((0,)))

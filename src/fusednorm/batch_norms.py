@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fusednorm import _route
 from fusednorm._backend import kernels, resolve
 from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
 from fusednorm._layout import as_ncs, from_layout, layout_strides
@@ -247,12 +248,26 @@ def batch_norm(
     Channels-last input gives channels-last output. In training the running statistics, when
     given, are updated in place with the batch mean and unbiased variance.
     """
+    way = _route.way(input, weight, bias, running_mean, running_var)
+    if way in ("export", "torch", "nested", "ops") or (
+            way == "transform" and training and running_mean is not None):
+        # torch's op: for export, for tensors the kernels cannot read, and for running
+        # statistics updated in place under a transform (torch's rules for that under vmap)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps)
     if not _args_ok(input, running_mean, running_var, weight, bias, training, momentum, eps):
         _replay(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps)  # torch accepts what the kernels do not take: its answer
     backend = resolve(input)
     if backend == "torch" or input.numel() == 0:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                             eps)
+    if way == "transform":
+        from fusednorm._channel_functions import BatchNormFn, BatchSpec
+
+        spec = BatchSpec(training, float(eps), backend)
+        return BatchNormFn.apply(input, weight, bias, running_mean, running_var, spec)[0]
     args = (input, weight, bias, running_mean, running_var, training, float(eps), True, backend)
     if needs_grad(input, weight, bias):
         y, mean, var = _BatchNorm.apply(*args)
@@ -282,16 +297,17 @@ class _BatchNormForward:
         # batch statistics in training, and in eval when no running statistics are kept
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
         pass_running = not self.training or self.track_running_stats
-        return batch_norm(
-            input,
-            self.running_mean if pass_running else None,
-            self.running_var if pass_running else None,
-            self.weight,
-            self.bias,
-            use_batch,
-            factor,
-            self.eps,
-        )
+        running_mean = self.running_mean if pass_running else None
+        running_var = self.running_var if pass_running else None
+        if torch.jit.is_scripting():  # torch's op (see modules.py)
+            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                use_batch, factor, self.eps)
+        return self._fused_batch_norm(input, running_mean, running_var, use_batch, factor)
+
+    @torch.jit.unused
+    def _fused_batch_norm(self, input, running_mean, running_var, use_batch, factor):
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch,
+                          factor, self.eps)
 
 
 class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusednorm import _backend
+from fusednorm import _backend, _route
 from fusednorm._autocast import autocast_cast, casts
 from fusednorm._autograd import fast_apply, unwrap_if_dead
 from fusednorm._backend import kernels, resolve
+from fusednorm._channel_functions import BatchNormFn, BatchSpec, GroupNormFn, GroupSpec
 from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
 from fusednorm._layout import as_ncs, from_layout, layout_strides
 from fusednorm._ops import dispatch, needs_grad
@@ -179,6 +180,10 @@ class _GroupPlan:
     when x is read in place by our CPU kernels; the general path serves everything else."""
 
     def __init__(self, x, num_groups, weight, bias, eps, silu):
+        self.fast = False
+        self.torch_op = _route.route(x, weight, bias) != "kernels"  # torch's result or error
+        if self.torch_op:
+            return
         self.autocast = isinstance(x, Tensor) and casts(x.device.type)
         x, weight, bias = autocast_cast("group_norm", x, weight, bias)
         if not _group_norm_ok(x, num_groups, weight, bias, eps):
@@ -187,9 +192,10 @@ class _GroupPlan:
                 lambda: F.group_norm(_plain(x), num_groups, _plain(weight), _plain(bias), eps),
                 "group_norm",
             )
+            self.torch_op = True  # torch accepts what the kernels do not take: its op answers
+            return
         self.backend = resolve(x)
         self.groups, self.eps, self.silu = num_groups, float(eps), silu
-        self.fast = False
         if self.backend != "cpu" or x.numel() == 0 or self.autocast:
             return
         x3, cl = as_ncs(x)
@@ -253,16 +259,21 @@ _PLANS: dict[tuple, _GroupPlan] = {}
 
 def _tensor_signature(t):
     return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device,
-                                   t.requires_grad)
+                                   t.requires_grad, t.layout, t.is_neg())
 
 
 def _plan(input, num_groups, weight, bias, eps, silu) -> _GroupPlan:
+    """The plan of this signature (see row_norm.py's key for what tells tensors apart)."""
     if type(input) is not Tensor:
         return _GroupPlan(input, num_groups, weight, bias, eps, silu)
     device = input.device
-    key = (input.shape, input.stride(), input.dtype, device, input.requires_grad,
-           num_groups, _tensor_signature(weight), _tensor_signature(bias), eps, silu,
-           torch.is_grad_enabled(), _backend._current, casts(device.type))
+    try:
+        key = (input.shape, input.stride(), input.dtype, device, input.requires_grad,
+               input.layout, input.is_neg(), num_groups, _tensor_signature(weight),
+               _tensor_signature(bias), eps, silu, torch.is_grad_enabled(), _backend._current,
+               casts(device.type))
+    except (RuntimeError, AttributeError):  # no strides (strided nested), no tensor
+        return _GroupPlan(input, num_groups, weight, bias, eps, silu)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= 4096:
@@ -286,14 +297,23 @@ def group_norm(
     float32 before the output is rounded). Channels-last input gives channels-last output.
     """
     silu = _silu_flag(activation)
-    if not torch.compiler.is_compiling():
-        if type(input) is Tensor:
+    # the common call first: a plain tensor in a plain state (the plan of its signature then
+    # tells the tensors the kernels cannot read), else the way `_route` gives
+    common = (type(input) is Tensor and not torch.compiler.is_compiling()
+              and _route.plain_state())
+    way = "kernels" if common else _route.way(input, weight, bias)
+    if way in ("export", "torch", "nested", "ops"):
+        return _torch_group_norm(input, num_groups, weight, bias, eps, silu)
+    if way == "kernels":
+        if common:
             input = unwrap_if_dead(input)
         plan = _plan(input, num_groups, weight, bias, eps, silu)
         if plan.fast:
             if plan.needs_grad:
                 return _group_norm_fast(input, weight, bias, plan)
             return plan.kernels.forward(input, *plan.params(weight, bias))[0]
+        if plan.torch_op:
+            return _torch_group_norm(input, num_groups, weight, bias, eps, silu)
     input, weight, bias = autocast_cast("group_norm", input, weight, bias)
     if not _group_norm_ok(input, num_groups, weight, bias, eps):
         # on the same tensors (see `batch_norms._replay` for why not on stand-ins)
@@ -301,11 +321,21 @@ def group_norm(
             lambda: F.group_norm(_plain(input), num_groups, _plain(weight), _plain(bias), eps),
             "group_norm",
         )
+        return _torch_group_norm(input, num_groups, weight, bias, eps, silu)
     backend = resolve(input)
     if backend == "torch" or input.numel() == 0:
-        y = F.group_norm(input, num_groups, weight, bias, eps)
-        return F.silu(y) if silu else y
+        return _torch_group_norm(input, num_groups, weight, bias, eps, silu)
+    if way == "transform":  # torch.func, forward AD, a dispatch mode: the Function with rules
+        spec = GroupSpec(num_groups, float(eps), silu, backend)
+        return GroupNormFn.apply(input, weight, bias, spec)[0]
     return _group_norm(input, weight, bias, num_groups, float(eps), silu, backend)[0]
+
+
+def _torch_group_norm(input, num_groups, weight, bias, eps, silu):
+    """torch's own op (and SiLU): for export and tracing, and for tensors the kernels cannot
+    read (torch's result, or its error)."""
+    y = F.group_norm(input, num_groups, weight, bias, eps)
+    return F.silu(y) if silu else y
 
 
 def _running_ok(t, c: int) -> bool:
@@ -368,14 +398,29 @@ def instance_norm(
     variance); otherwise the running statistics normalize. Channels-last input gives
     channels-last output (torch's own returns a contiguous tensor).
     """
+    way = _route.way(input, weight, bias, running_mean, running_var)
+    if way in ("export", "torch", "nested", "ops") or (
+            way == "transform" and use_input_stats and running_mean is not None):
+        # torch's op: for export, for tensors the kernels cannot read, and for running
+        # statistics updated in place under a transform (torch's rules for that under vmap)
+        return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
+                               momentum, eps)
     if not _instance_norm_ok(input, running_mean, running_var, weight, bias, use_input_stats,
                              momentum, eps):
         _replay_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
                               momentum, eps)
+        return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
+                               momentum, eps)  # torch accepts what the kernels do not take
     backend = resolve(input)
     if backend == "torch" or input.numel() == 0:
         return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
                                momentum, eps)
+    if way == "transform":
+        if use_input_stats:  # (no running statistics: see above)
+            spec = GroupSpec(input.shape[1], float(eps), False, backend)
+            return GroupNormFn.apply(input, weight, bias, spec)[0]
+        spec = BatchSpec(False, float(eps), backend)
+        return BatchNormFn.apply(input, weight, bias, running_mean, running_var, spec)[0]
     if not use_input_stats:
         args = (input, weight, bias, running_mean, running_var, False, float(eps), True, backend)
         if needs_grad(input, weight, bias):
@@ -396,7 +441,9 @@ def instance_norm(
 
 
 class GroupNorm(torch.nn.GroupNorm):
-    """``torch.nn.GroupNorm`` on fusednorm's kernels; ``activation="silu"`` fuses a SiLU."""
+    """``torch.nn.GroupNorm`` on fusednorm's kernels; ``activation="silu"`` fuses a SiLU.
+
+    Under TorchScript (see modules.py), torch's group_norm and silu."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
                  affine: bool = True, device=None, dtype=None, *, bias: bool = True,
@@ -406,8 +453,16 @@ class GroupNorm(torch.nn.GroupNorm):
         extra = {} if bias else {"bias": False}
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, **extra)
         self.activation = activation
+        self._silu = activation == "silu"  # (TorchScript types a bool, not an Optional[str])
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            y = F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+            return F.silu(y) if self._silu else y
+        return self._fused_forward(input)
+
+    @torch.jit.unused
+    def _fused_forward(self, input: Tensor) -> Tensor:
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
                           activation=self.activation)
 
@@ -418,8 +473,17 @@ class GroupNorm(torch.nn.GroupNorm):
 
 class _InstanceNormApply:
     # torch's _InstanceNorm.forward checks the input and unsqueezes unbatched input, then calls
-    # this with torch's own arguments.
+    # this with torch's own arguments (under TorchScript: torch's instance_norm).
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return F.instance_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias,
+                self.training or not self.track_running_stats,
+                self.momentum if self.momentum is not None else 0.0, self.eps)
+        return self._fused_instance_norm(input)
+
+    @torch.jit.unused
+    def _fused_instance_norm(self, input: Tensor) -> Tensor:
         return instance_norm(
             input,
             self.running_mean,

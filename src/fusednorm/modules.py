@@ -3,14 +3,25 @@
 Each subclasses torch's module and overrides only ``forward`` (plus keyword-only options torch
 lacks), so constructor, attributes, ``reset_parameters``, ``extra_repr``, ``state_dict``, pickling
 and meta-device construction are the installed torch's own.
+
+TorchScript: ``torch.jit.script`` compiles ``forward``'s ``torch.jit.is_scripting()`` branch,
+torch's own ops with the module's options (the kernels are Python, which a scripted model saved
+for C++ or mobile cannot call); the eager branch is a `torch.jit.unused` method. A scripted
+module returns one tensor: the fused residual's (y, h) form raises there.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fusednorm.row_norm import layer_norm, rms_norm
+
+# TorchScript parses these annotations (it reads neither `X | None` nor a postponed annotation
+# that names a typing construct it lacks): hence `Optional`.
 
 
 class _FusedOptions:
@@ -64,8 +75,22 @@ class LayerNorm(_FusedOptions, torch.nn.LayerNorm):
             self.reset_parameters()
 
 
-    def forward(self, input: Tensor, residual: Tensor | None = None
-                ) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None):  # noqa: UP045
+        """``y``, or ``(y, h)`` when a residual is passed (not under TorchScript)."""
+        if torch.jit.is_scripting():
+            _no_residual_in_script(residual)
+            x = _dropout_in_script(input, self.dropout_p, self.training)
+            weight, bias = self.weight, self.bias
+            if self.zero_centered_weight and weight is not None:  # (1 + w) in the compute dtype
+                ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+                return F.layer_norm(x.to(ct), self.normalized_shape, weight.to(ct) + 1.0,
+                                    None if bias is None else bias.to(ct), self.eps
+                                    ).to(x.dtype)
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        return self._fused_forward(input, residual)
+
+    @torch.jit.unused
+    def _fused_forward(self, input, residual):
         if residual is None and not self.dropout_p and not self.zero_centered_weight \
                 and not self.memory_efficient:
             return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -89,8 +114,21 @@ class RMSNorm(_FusedOptions, torch.nn.RMSNorm):
             self.reset_parameters()
 
 
-    def forward(self, input: Tensor, residual: Tensor | None = None
-                ) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None):  # noqa: UP045
+        """``y``, or ``(y, h)`` when a residual is passed (not under TorchScript)."""
+        if torch.jit.is_scripting():
+            _no_residual_in_script(residual)
+            x = _dropout_in_script(input, self.dropout_p, self.training)
+            weight = self.weight
+            if self.zero_centered_weight and weight is not None:  # (1 + w) in the compute dtype
+                ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+                return F.rms_norm(x.to(ct), self.normalized_shape, weight.to(ct) + 1.0,
+                                  self.eps).to(x.dtype)
+            return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+        return self._fused_forward(input, residual)
+
+    @torch.jit.unused
+    def _fused_forward(self, input, residual):
         if residual is None and not self.dropout_p and not self.zero_centered_weight \
                 and not self.memory_efficient:
             return rms_norm(input, self.normalized_shape, self.weight, self.eps)
@@ -99,3 +137,16 @@ class RMSNorm(_FusedOptions, torch.nn.RMSNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._extra_options_repr()
+
+
+def _no_residual_in_script(residual: Optional[Tensor]) -> None:  # noqa: UP045
+    if residual is not None:
+        raise RuntimeError(
+            "fusednorm: forward(x, residual) returns (y, h), which a TorchScript module cannot "
+            "(one return type): add the residual before the norm in scripted code, or export "
+            "the model with torch.export, which keeps the fused form")
+
+
+def _dropout_in_script(x: Tensor, p: float, training: bool) -> Tensor:
+    # torch's dropout (its generator): a scripted model has no access to the kernels' masks
+    return F.dropout(x, p) if p > 0.0 and training else x

@@ -1,14 +1,20 @@
 """The row norms, LayerNorm and RMSNorm, with optional fused residual-add and dropout.
 
-Read top to bottom: torch.library ops over the backend kernels (for torch.compile) → the
-composite → launch plans → autograd → public functions. The kernels (cpu/layer_norm.py,
-triton/layer_norm.py) share one contract, written down in docs/DESIGN.md; this file flattens
-inputs to (M, N) rows, checks arguments exactly as torch does and never lets invalid input reach
-a kernel. (It is not called layer_norm.py because the package exports a function of that name.)
+Read top to bottom: the composite → launch plans → autograd → the ways a call can go → public
+functions. The kernels (cpu/layer_norm.py, triton/layer_norm.py) share one contract, written
+down in docs/DESIGN.md, and are registered as torch.library ops in `_row_ops.py`; this file
+flattens inputs to (M, N) rows, checks arguments exactly as torch does and never lets invalid
+input reach a kernel. (It is not called layer_norm.py because the package exports a function
+of that name.)
 
-Eager calls are served by a plan per call signature (`_Plan`): the checks, the layout decisions
-and the kernel's fixed arguments are done once, when a signature is first seen, so a small call
-costs about what torch's own does. Compiled graphs go through the registered ops instead.
+Eager calls on plain tensors are served by a plan per call signature (`_Plan`): the checks, the
+layout decisions and the kernel's fixed arguments are done once, when a signature is first
+seen, so a small call costs about what torch's own does. Every other way in (`_route.py`) is
+decided before a data pointer is taken: compiled graphs go through the registered ops
+(`_traced`); torch.func transforms, forward AD, DTensor and dispatch modes through
+the autograd Functions of `_row_functions.py` (`_through_functions`); export and TorchScript's
+tracer through torch's own ops (`_export.py`); jagged nested tensors through their values
+(`_nested.py`); anything the kernels cannot read through torch's op itself.
 """
 
 from __future__ import annotations
@@ -20,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusednorm import _backend, _inductor
+from fusednorm import _backend, _dtensor, _export, _inductor, _nested, _route
 from fusednorm._autocast import autocast_cast, casts
 from fusednorm._autograd import fast_apply, unwrap_if_dead
-from fusednorm._backend import kernels, resolve
+from fusednorm._backend import kernels, resolve, use_backend
 from fusednorm._checks import (
     FLOAT_DTYPES,
     HALF_DTYPES,
@@ -37,122 +43,16 @@ from fusednorm._checks import (
     row_stride,
     stand_in,
 )
-
-# ---------------------------------------------------------------------------------------------
-# Kernels behind torch.library ops, for compiled graphs (eager code uses the plans below).
-# Absent outputs are empty tensors so that every op returns plain tensors. Each op is registered
-# twice, with one implementation: Inductor replaces the `_fusable` one by a decomposition that it
-# fuses with the neighbouring ops (`_inductor.py`); the other always runs our kernel.
-
-
-def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-              eps: float, is_rms: bool, zero_centered: bool, dropout_p: float, seed: Tensor,
-              out_dtype: torch.dtype, residual_dtype: torch.dtype | None,
-              xhat_dtype: torch.dtype | None, backend: str
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, h, mean, rstd = kernels(backend, "row_norm").norm_fwd(
-        x, weight, bias, residual, eps, is_rms, zero_centered, dropout_p, int(seed),
-        out_dtype, residual_dtype, xhat_dtype,
-    )
-    if h.numel() == 0:
-        h = x.new_empty((0,))
-    if mean.numel() == 0:
-        mean = x.new_empty((0,), dtype=compute_dtype(x.dtype))
-    return y, h, mean, rstd
-
-
-def _fwd_fake(x, weight, bias, residual, eps, is_rms, zero_centered, dropout_p, seed,
-              out_dtype, residual_dtype, xhat_dtype, backend):
-    m, n = x.shape
-    with_h = residual is not None or dropout_p > 0
-    stats = compute_dtype(x.dtype)
-    return (
-        x.new_empty((m, n), dtype=out_dtype),
-        x.new_empty((m, n), dtype=residual_dtype) if with_h else x.new_empty((0,)),
-        x.new_empty((0 if is_rms else m,), dtype=stats),
-        x.new_empty((m,), dtype=stats),
-    )
-
-
-def _bwd_impl(dy: Tensor, h: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
-              rstd: Tensor, dh_out: Tensor | None, eps: float, is_rms: bool,
-              zero_centered: bool, dropout_p: float, seed: Tensor, has_residual: bool,
-              x_dtype: torch.dtype, residual_dtype: torch.dtype | None, need_weight_grad: bool,
-              from_output: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dres, dw, db = kernels(backend, "row_norm").norm_bwd(
-        dy, h, weight, bias, mean, rstd, dh_out, eps, is_rms, zero_centered, dropout_p,
-        int(seed), has_residual, x_dtype, residual_dtype, need_weight_grad, from_output,
-    )
-    # distinct empty tensors: a custom op's outputs may not alias one another
-    return tuple(dy.new_empty((0,)) if t is None else t for t in (dx, dres, dw, db))
-
-
-def _bwd_fake(dy, h, weight, bias, mean, rstd, dh_out, eps, is_rms, zero_centered, dropout_p,
-              seed, has_residual, x_dtype, residual_dtype, need_weight_grad, from_output,
-              backend):
-    m, n = dy.shape
-
-    def grad_of(p):
-        return p.new_empty((n,)) if p is not None and need_weight_grad else dy.new_empty((0,))
-
-    return (
-        dy.new_empty((m, n), dtype=x_dtype),
-        dy.new_empty((m, n), dtype=residual_dtype) if has_residual else dy.new_empty((0,)),
-        grad_of(weight),
-        grad_of(bias),
-    )
-
-
-def _registering(fake):
-    def fake_of_fusable(*args):
-        _inductor.register_decompositions()  # while a graph is traced: before Inductor lowers it
-        return fake(*args)
-    return fake_of_fusable
-
-
-_fwd_op = torch.library.custom_op("fusednorm::row_norm_fwd", _fwd_impl, mutates_args=())
-_bwd_op = torch.library.custom_op("fusednorm::row_norm_bwd", _bwd_impl, mutates_args=())
-_fwd_op_fusable = torch.library.custom_op("fusednorm::row_norm_fwd_fusable", _fwd_impl,
-                                          mutates_args=())
-_bwd_op_fusable = torch.library.custom_op("fusednorm::row_norm_bwd_fusable", _bwd_impl,
-                                          mutates_args=())
-_fwd_op.register_fake(_fwd_fake)
-_bwd_op.register_fake(_bwd_fake)
-_fwd_op_fusable.register_fake(_registering(_fwd_fake))
-_bwd_op_fusable.register_fake(_registering(_bwd_fake))
-
+from fusednorm._row_functions import RowNorm, RowSpec
+from fusednorm._row_ops import bwd_op as _bwd_op
+from fusednorm._row_ops import bwd_op_fusable as _bwd_op_fusable
+from fusednorm._row_ops import composite as _composite
+from fusednorm._row_ops import fwd_op as _fwd_op
+from fusednorm._row_ops import fwd_op_fusable as _fwd_op_fusable
 
 # ---------------------------------------------------------------------------------------------
 # A differentiable composite with the kernels' exact semantics. It serves the "torch" backend
 # for the options torch lacks, zero-element inputs, and double backward (create_graph=True).
-
-
-def _composite(h, weight, bias, eps, is_rms, zero_centered, out_dtype, xhat_dtype):
-    xhat, _, _ = _normalized(h.to(compute_dtype(h.dtype)), eps, is_rms)
-    return _affine(xhat, weight, bias, zero_centered, out_dtype, xhat_dtype)
-
-
-def _normalized(hc, eps, is_rms):
-    """x̂, mean (None for RMSNorm) and rstd, (M, 1), of rows hc in the compute dtype."""
-    if is_rms:
-        rstd = torch.rsqrt(hc.square().mean(-1, keepdim=True) + eps)
-        return hc * rstd, None, rstd
-    mean = hc.mean(-1, keepdim=True)
-    centred = hc - mean
-    rstd = torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)
-    return centred * rstd, mean, rstd
-
-
-def _affine(xhat, weight, bias, zero_centered, out_dtype, xhat_dtype):
-    compute = xhat.dtype
-    if xhat_dtype is not None:
-        xhat = xhat.to(xhat_dtype).to(compute)
-    y = xhat
-    if weight is not None:
-        y = y * (weight.to(compute) + 1 if zero_centered else weight.to(compute))
-    if bias is not None:
-        y = y + bias.to(compute)
-    return y.to(out_dtype)
 
 
 def _composite_call(x, residual, weight, bias, eps, dropout_p, residual_dtype, out_dtype,
@@ -186,7 +86,17 @@ class _Plan:
 
     def __init__(self, x, normalized_shape, weight, bias, eps, residual, dropout_p,
                  residual_in_fp32, out_dtype, zero_centered, xhat_dtype, memory_efficient,
-                 is_rms):
+                 is_rms, traced=False):
+        # traced: the call goes through the registered ops (compiled graphs, torch.func, ...),
+        # the plan only checks and decides
+        self.traced = traced or torch.compiler.is_compiling()
+        self.normalized_shape, self.eps, self.is_rms = normalized_shape, eps, is_rms
+        readable = torch.compiler.is_compiling() or _route.route(x, residual, weight,
+                                                                  bias) != "torch"
+        if not readable and not _torch_reads_options(x, residual, dropout_p, out_dtype,
+                                                     zero_centered, xhat_dtype):
+            self.kind, self.run = "torch_op", _run_torch_op  # torch's result, or its error
+            return
         torch_call = functools.partial(_torch_rms_norm if is_rms else _torch_layer_norm, x,
                                        normalized_shape, weight, *(() if is_rms else (bias,)),
                                        eps)
@@ -208,6 +118,13 @@ class _Plan:
                 and param_shape_ok(weight, normalized_shape)
                 and param_shape_ok(bias, normalized_shape)):
             raise_like_torch(torch_call, "layer_norm" if not is_rms else "rms_norm")
+            # torch accepts what the kernels do not take: torch's op answers, when it can
+            if _torch_reads_options(x, residual, dropout_p, out_dtype, zero_centered,
+                                    xhat_dtype):
+                raise RuntimeError("fusednorm: unsupported arguments for "
+                                   + ("rms_norm" if is_rms else "layer_norm"))
+            self.kind, self.run = "torch_op", _run_torch_op
+            return
         if residual is not None and (residual.shape != x.shape or residual.device != x.device
                                      or not residual.is_floating_point()):
             raise RuntimeError(
@@ -239,7 +156,7 @@ class _Plan:
         plain = not fused and not zero_centered and xhat_dtype is None and out_dtype == x.dtype
         if self.backend == "torch" and plain:
             self.kind = "torch"
-        elif self.backend == "torch" or x.numel() == 0:
+        elif self.backend == "torch" or x.numel() == 0 or not readable:
             self.kind = "composite"
         else:
             self.kind = "kernel"
@@ -249,7 +166,7 @@ class _Plan:
         # our kernel, no residual or dropout, nothing to cast, the parameters read in place
         common = (self.kind == "kernel" and not fused and not self.autocast
                   and self.weight_cast is None and self.w_ok and self.b_ok
-                  and not torch.compiler.is_compiling())
+                  and not self.traced)
         if common and not self.needs_grad and self.backend == "cpu" and self.sx is not None:
             self.run = _run_plain
         elif common and self.needs_grad and not memory_efficient:
@@ -265,8 +182,8 @@ class _Plan:
             t is not None and t.requires_grad for t in (x, residual, weight, bias))
         self.alias_ok = residual is not None and _grads_may_alias(x, residual)
         self._backward_plans = {}
-        if torch.compiler.is_compiling():
-            return  # compiled graphs reach the kernels through the registered ops
+        if self.traced:
+            return  # these calls reach the kernels through the registered ops
         if self.backend != "cpu":
             self.forward = _ContractForward(self)
             return
@@ -280,6 +197,12 @@ class _Plan:
             self.out_dtype, self.residual_dtype, float(self.eps), self.is_rms,
             self.zero_centered, float(self.dropout_p), self.xhat_dtype, self.needs_grad,
             tuple(self.shape), x.is_contiguous())
+
+    def spec(self) -> RowSpec:
+        """The call's options as the autograd Functions of `_row_functions.py` take them."""
+        return RowSpec(self.normalized_shape, float(self.eps), self.is_rms, self.zero_centered,
+                       float(self.dropout_p), self.x_dtype, self.out_dtype, self.residual_dtype,
+                       self.xhat_dtype, self.memory_efficient, self.has_residual, self.backend)
 
     def rows(self, x, residual):
         """x and the residual as the kernels read them: in place, or copied into rows."""
@@ -491,37 +414,131 @@ _MAX_PLANS = 4096
 
 def _tensor_signature(t):
     return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device,
-                                   t.requires_grad)
+                                   t.requires_grad, t.layout, t.is_neg())
 
 
 def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
               out_dtype, zero_centered, xhat_dtype, memory_efficient, is_rms):
-    """Shared body of layer_norm and rms_norm."""
+    """Shared body of layer_norm and rms_norm: the way the call goes (see the module's
+    docstring), then, for plain tensors, the plan of its signature."""
+    args = (x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
+            out_dtype, zero_centered, xhat_dtype, memory_efficient, is_rms)
     if torch.compiler.is_compiling():
-        return _traced(x, normalized_shape, weight, bias, eps, residual, dropout_p,
-                       residual_in_fp32, out_dtype, zero_centered, xhat_dtype,
-                       memory_efficient, is_rms)
+        return _exported(*args) if torch.compiler.is_exporting() else _traced(*args)
     # Everything the checks, the layout and the autograd decision depend on (and the backend
-    # setting): a call with another signature never meets this plan.
+    # setting): a call with another signature never meets this plan. The layout and the
+    # negation bit tell apart tensors whose shape and strides a plain one can share.
     key = None
-    if type(x) is Tensor and type(normalized_shape) in (tuple, list, torch.Size):
+    if (type(x) is Tensor and type(normalized_shape) in (tuple, list, torch.Size)
+            and _route.plain_state()):
         x = unwrap_if_dead(x)
         device = x.device
-        key = (is_rms, x.shape, x.stride(), x.dtype, device, x.requires_grad,
-               tuple(normalized_shape), _tensor_signature(weight), _tensor_signature(bias),
-               _tensor_signature(residual), eps, dropout_p, residual_in_fp32, out_dtype,
-               zero_centered, xhat_dtype, memory_efficient, torch.is_grad_enabled(),
-               _backend._current, casts(device.type))
-        plan = _PLANS.get(key)
+        try:
+            key = (is_rms, x.shape, x.stride(), x.dtype, device, x.requires_grad, x.layout,
+                   x.is_neg(), tuple(normalized_shape), _tensor_signature(weight),
+                   _tensor_signature(bias), _tensor_signature(residual), eps, dropout_p,
+                   residual_in_fp32, out_dtype, zero_centered, xhat_dtype, memory_efficient,
+                   torch.is_grad_enabled(), _backend._current, casts(device.type))
+        except (RuntimeError, AttributeError):  # no strides (strided nested), no tensor
+            key = None
+        else:
+            plan = _PLANS.get(key)
     if key is None or plan is None:
-        plan = _Plan(x, normalized_shape, weight, bias, eps, residual, dropout_p,
-                     residual_in_fp32, out_dtype, zero_centered, xhat_dtype, memory_efficient,
-                     is_rms)
+        if type(x) is not Tensor or (residual is not None and type(residual) is not Tensor):
+            x, residual = _route.settled(x, residual)
+            args = (x, normalized_shape, weight, bias, eps, residual, *args[6:])
+        if _route.function_mode():
+            return _through_torch(*args)
+        if _route.transforming():
+            return _through_functions(*args)
+        if _route.tracing():
+            return _exported(*args)
+        way = _route.route(x, residual, weight, bias)
+        if way == "nested":
+            return _nested.row_norm(_row_norm, *args)
+        if way == "ops":
+            return _through_functions(*args)
+        plan = _Plan(*args)
         if key is not None:
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
             _PLANS[key] = plan
     return plan.run(plan, x, residual, weight, bias)
+
+
+def _through_functions(x, normalized_shape, weight, bias, eps, residual, dropout_p,
+                       residual_in_fp32, out_dtype, zero_centered, xhat_dtype,
+                       memory_efficient, is_rms):
+    """torch.func transforms, forward AD, DTensor, dispatch modes: the autograd
+    Functions with a rule for each, on the registered ops."""
+    residual, local_h = _dtensor.local_residual(x, residual)
+    plan, x, weight, bias = _checked(x, normalized_shape, weight, bias, eps, residual, dropout_p,
+                                     residual_in_fp32, out_dtype, zero_centered, xhat_dtype,
+                                     memory_efficient, is_rms)
+    if plan.kind != "kernel":
+        return plan.run(plan, x, residual, weight, bias)
+    # under vmap the draw follows torch's randomness rule: an error, one seed, or one per sample
+    seed = torch.randint(2**31 - 1, (), dtype=torch.int64) if plan.dropout_p > 0 else _NO_SEED
+    y, h, _, _ = RowNorm.apply(x, residual, weight, bias, seed, plan.spec())
+    if local_h:
+        h = h.to_local()
+    return (y, h) if plan.has_residual else y
+
+
+_NO_SEED = torch.zeros((), dtype=torch.int64)
+
+
+def _exported(x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
+              out_dtype, zero_centered, xhat_dtype, memory_efficient, is_rms):
+    """torch.export and TorchScript's tracer: torch's ops, after the same checks."""
+    plan, x, weight, bias = _checked(x, normalized_shape, weight, bias, eps, residual, dropout_p,
+                                     residual_in_fp32, out_dtype, zero_centered, xhat_dtype,
+                                     memory_efficient, is_rms)
+    if plan.kind != "kernel":
+        return plan.run(plan, x, residual, weight, bias)
+    return _export.row_norm(plan.spec(), x, residual, weight, bias)
+
+
+def _checked(x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
+             out_dtype, zero_centered, xhat_dtype, memory_efficient, is_rms):
+    """A call's plan (its checks and decisions, no kernel plan), and x, weight and bias cast as
+    the plan says (autocast, rms_norm's weight). Where the plan is not our kernels' the
+    tensors are as given: its `run` casts them."""
+    plan = _Plan(x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
+                 out_dtype, zero_centered, xhat_dtype, memory_efficient, is_rms, traced=True)
+    if plan.kind != "kernel":
+        return plan, x, weight, bias
+    if plan.autocast:
+        x, weight, bias = autocast_cast("rms_norm" if is_rms else "layer_norm", x, weight, bias)
+    if plan.weight_cast is not None:
+        weight = weight.to(plan.weight_cast)
+    return plan, x, weight, bias
+
+
+def _through_torch(x, normalized_shape, weight, bias, eps, residual, dropout_p,
+                   residual_in_fp32, out_dtype, zero_centered, xhat_dtype, memory_efficient,
+                   is_rms):
+    """A TorchFunctionMode is active: torch's ops, which it sees (and which allocate where it
+    says); the composite for the options torch lacks."""
+    with use_backend("torch"):
+        plan = _Plan(x, normalized_shape, weight, bias, eps, residual, dropout_p,
+                     residual_in_fp32, out_dtype, zero_centered, xhat_dtype, memory_efficient,
+                     is_rms, traced=True)
+    return plan.run(plan, x, residual, weight, bias)
+
+
+def _torch_reads_options(x, residual, dropout_p, out_dtype, zero_centered, xhat_dtype) -> bool:
+    """Whether a call the kernels cannot read asks for options torch's op lacks, which the
+    composite (torch ops) computes; refused for an input that is not floating point."""
+    if residual is None and not dropout_p and out_dtype is None and not zero_centered \
+            and xhat_dtype is None:
+        return False
+    if isinstance(x, Tensor) and x.is_floating_point() and x.layout is torch.strided:
+        return True
+    raise TypeError(
+        "fusednorm: residual, dropout_p, out_dtype, zero_centered_weight and xhat_dtype need a "
+        f"strided floating-point input, got {getattr(x, 'dtype', type(x).__name__)} "
+        f"{getattr(x, 'layout', '')}".rstrip())
 
 
 def _run(plan: _Plan, x, residual, weight, bias):
@@ -551,6 +568,14 @@ def _run(plan: _Plan, x, residual, weight, bias):
         return _row_norm_function(x, residual, weight, bias, plan, seed)
     y, h, _ = plan.forward(*plan.rows(x, residual), weight, bias, seed)
     return (y, h) if plan.has_residual else y
+
+
+def _run_torch_op(plan: _Plan, x, residual, weight, bias):
+    """Tensors the kernels cannot read (`_route.kind` "torch"): torch's own op, with torch's
+    result or torch's error."""
+    if plan.is_rms:
+        return F.rms_norm(x, plan.normalized_shape, weight, plan.eps)
+    return F.layer_norm(x, plan.normalized_shape, weight, bias, plan.eps)
 
 
 def _run_plain(plan: _Plan, x, residual, weight, bias):

@@ -4,9 +4,9 @@ By default the bandwidth of every norm op, fusednorm against torch eager, torch.
 whichever peers are installed: for each (op, dtype, shape), build every provider, check its
 outputs and gradients against the float64 reference (check.py), measure its forward+backward
 memory, then per mode time the valid ones round-robin with x.clone() (and, on CUDA for small
-calls, an empty launch) as references. `--calls`, `--startup` and `--models` run the other
-suites instead: small calls (calls.py), first calls of new processes (startup.py) and whole
-Hugging Face models (models.py).
+calls, an empty launch) as references. `--calls`, `--vmap`, `--startup` and `--models` run the
+other suites instead: small calls (calls.py), the norms under torch.func.vmap (transforms.py),
+first calls of new processes (startup.py) and whole Hugging Face models (models.py).
 """
 
 from __future__ import annotations
@@ -76,6 +76,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="the cost of small calls (1x768, 8x768, 1x4096 LayerNorm and "
                         "RMSNorm, 2x32x4x4 GroupNorm; no grad, and module forward+backward): "
                         "median ratio to torch over interleaved rounds")
+    suites.add_argument("--vmap", action="store_true",
+                        help="the norms under torch.func.vmap (and vmap(grad) per-sample "
+                        "gradients) against torch's op under vmap and a Python loop of "
+                        "fusednorm calls; kernel launches per vmapped call")
     suites.add_argument("--startup", action="store_true",
                         help="a new process's import and first forward and backward, with an "
                         "empty kernel cache (cold) and with the cache it left (warm)")
@@ -83,7 +87,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="Hugging Face GPT-2 and Llama-style models (4 layers, width 768, "
                         "random init), patched against unpatched: a training step and 1- and "
                         "64-token inference, float32 and bfloat16 (--dtypes)")
-    p.add_argument("--rounds", type=int, help="rounds for --calls (15) and --models (15)")
+    p.add_argument("--rounds", type=int,
+                   help="rounds for --calls (15), --vmap (15) and --models (15)")
     p.add_argument("--variants", default="eager",
                    help="for --models, a comma list of eager (patched), fused "
                    "(fuse_residual=True), compiled, compiled+fused (torch.compile, against the "
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         argv = argv[1:]
     args = parse(argv)
-    if args.calls or args.startup or args.models:
+    if args.calls or args.vmap or args.startup or args.models:
         return _suite(args, argv)
     import fusednorm
 
@@ -238,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _suite(args, argv: list[str]) -> int:
-    """--calls, --startup or --models: run, print the table, write results.json to --out."""
+    """--calls, --vmap, --startup or --models: run, print the table, write results.json to
+    --out."""
     meta = report.environment("cpu", argv)
     print(f"fusednorm bench on {meta['device']} ({meta['logical_cpus']} CPUs, torch "
           f"{meta['torch']}, {torch.get_num_threads()} threads, numba {meta['numba']})\n",
@@ -248,6 +254,10 @@ def _suite(args, argv: list[str]) -> int:
 
         rows = [r for dtype in args.dtypes
                 for r in suite.run(rounds=args.rounds or 15, dtype=cases.DTYPES[dtype])]
+    elif args.vmap:
+        from fusednorm.bench import transforms as suite
+
+        rows = suite.run(rounds=args.rounds or 15)
     elif args.startup:
         from fusednorm.bench import startup as suite
 

@@ -83,7 +83,8 @@ def cases(dtype: torch.dtype = torch.float32) -> list[Case]:
     return out
 
 
-def _sample(fn: Callable[[], object], k: int) -> float:
+def sample(fn: Callable[[], object], k: int) -> float:
+    """Seconds per call of k back-to-back calls of fn."""
     t0 = time.perf_counter()
     for _ in range(k):
         fn()
@@ -100,11 +101,11 @@ def measure(case: Case, rounds: int, sample_s: float) -> dict:
     ours, theirs, ratios = [], [], []
     for r in range(rounds):
         if r % 2:
-            t = _sample(case.theirs, k_theirs)
-            o = _sample(case.ours, k_ours)
+            t = sample(case.theirs, k_theirs)
+            o = sample(case.ours, k_ours)
         else:
-            o = _sample(case.ours, k_ours)
-            t = _sample(case.theirs, k_theirs)
+            o = sample(case.ours, k_ours)
+            t = sample(case.theirs, k_theirs)
         ours.append(o)
         theirs.append(t)
         ratios.append(o / t)
