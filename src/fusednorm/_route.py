@@ -24,6 +24,7 @@ data pointer is taken:
 from __future__ import annotations
 
 import sys
+import types
 
 import torch
 from torch import Tensor
@@ -126,6 +127,16 @@ def settled(*tensors: Tensor | None) -> tuple:
     return tuple(torch.ops._c10d_functional.wait_tensor(t)
                  if t is not None and type(t) is not Tensor and _is_a(t, _ASYNC) else t
                  for t in tensors)
+
+
+def eager_only(fn):
+    """A copy of `fn` that TorchScript compiles as raising (`torch.jit.unused`), for the eager
+    branch of a module's forward (the scripted branch runs torch's ops); `fn` itself stays as it
+    is. A copy rather than a wrapper: it costs the call nothing."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+    copy.__kwdefaults__, copy.__doc__ = fn.__kwdefaults__, fn.__doc__
+    return torch.jit.unused(copy)
 
 
 def _is_a(t: Tensor, qualified: str) -> bool:

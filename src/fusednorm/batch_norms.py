@@ -284,6 +284,10 @@ def batch_norm(
 # state_dict (old checkpoints without num_batches_tracked included) and repr are torch's.
 
 
+_batch_norm_eager = _route.eager_only(batch_norm)
+_is_scripting = torch.jit.is_scripting  # (TorchScript knows the function, not the name)
+
+
 class _BatchNormForward:
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -299,15 +303,11 @@ class _BatchNormForward:
         pass_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if pass_running else None
         running_var = self.running_var if pass_running else None
-        if torch.jit.is_scripting():  # torch's op (see modules.py)
+        if _is_scripting():  # torch's op (see modules.py)
             return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                 use_batch, factor, self.eps)
-        return self._fused_batch_norm(input, running_mean, running_var, use_batch, factor)
-
-    @torch.jit.unused
-    def _fused_batch_norm(self, input, running_mean, running_var, use_batch, factor):
-        return batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch,
-                          factor, self.eps)
+        return _batch_norm_eager(input, running_mean, running_var, self.weight, self.bias,
+                                 use_batch, factor, self.eps)
 
 
 class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):

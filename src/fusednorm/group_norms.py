@@ -22,6 +22,7 @@ from fusednorm._channel_functions import BatchNormFn, BatchSpec, GroupNormFn, Gr
 from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
 from fusednorm._layout import as_ncs, from_layout, layout_strides
 from fusednorm._ops import dispatch, needs_grad
+from fusednorm._route import eager_only
 from fusednorm.batch_norms import (
     _BatchNorm,
     _copy,
@@ -259,7 +260,7 @@ _PLANS: dict[tuple, _GroupPlan] = {}
 
 def _tensor_signature(t):
     return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device,
-                                   t.requires_grad, t.layout, t.is_neg())
+                                   t.requires_grad, t.is_neg())
 
 
 def _plan(input, num_groups, weight, bias, eps, silu) -> _GroupPlan:
@@ -269,7 +270,7 @@ def _plan(input, num_groups, weight, bias, eps, silu) -> _GroupPlan:
     device = input.device
     try:
         key = (input.shape, input.stride(), input.dtype, device, input.requires_grad,
-               input.layout, input.is_neg(), num_groups, _tensor_signature(weight),
+               input.is_neg(), num_groups, _tensor_signature(weight),
                _tensor_signature(bias), eps, silu, torch.is_grad_enabled(), _backend._current,
                casts(device.type))
     except (RuntimeError, AttributeError):  # no strides (strided nested), no tensor
@@ -456,35 +457,31 @@ class GroupNorm(torch.nn.GroupNorm):
         self._silu = activation == "silu"  # (TorchScript types a bool, not an Optional[str])
 
     def forward(self, input: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
+        if _is_scripting():
             y = F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
             return F.silu(y) if self._silu else y
-        return self._fused_forward(input)
-
-    @torch.jit.unused
-    def _fused_forward(self, input: Tensor) -> Tensor:
-        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
-                          activation=self.activation)
+        return _group_norm_eager(input, self.num_groups, self.weight, self.bias, self.eps,
+                                 activation=self.activation)
 
     def extra_repr(self) -> str:
         extra = f", activation={self.activation!r}" if self.activation else ""
         return super().extra_repr() + extra
 
 
+_group_norm_eager, _instance_norm_eager = eager_only(group_norm), eager_only(instance_norm)
+_is_scripting = torch.jit.is_scripting  # (TorchScript knows the function, not the name)
+
+
 class _InstanceNormApply:
     # torch's _InstanceNorm.forward checks the input and unsqueezes unbatched input, then calls
     # this with torch's own arguments (under TorchScript: torch's instance_norm).
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
+        if _is_scripting():
             return F.instance_norm(
                 input, self.running_mean, self.running_var, self.weight, self.bias,
                 self.training or not self.track_running_stats,
                 self.momentum if self.momentum is not None else 0.0, self.eps)
-        return self._fused_instance_norm(input)
-
-    @torch.jit.unused
-    def _fused_instance_norm(self, input: Tensor) -> Tensor:
-        return instance_norm(
+        return _instance_norm_eager(
             input,
             self.running_mean,
             self.running_var,

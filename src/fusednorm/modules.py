@@ -6,8 +6,9 @@ and meta-device construction are the installed torch's own.
 
 TorchScript: ``torch.jit.script`` compiles ``forward``'s ``torch.jit.is_scripting()`` branch,
 torch's own ops with the module's options (the kernels are Python, which a scripted model saved
-for C++ or mobile cannot call); the eager branch is a `torch.jit.unused` method. A scripted
-module returns one tensor: the fused residual's (y, h) form raises there.
+for C++ or mobile cannot call); the eager branch calls `torch.jit.unused` copies of the
+functionals (`_route.eager_only`) and methods. A scripted module returns one tensor: the fused
+residual's (y, h) form raises there.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fusednorm._route import eager_only
 from fusednorm.row_norm import layer_norm, rms_norm
+
+_layer_norm, _rms_norm = eager_only(layer_norm), eager_only(rms_norm)
+_is_scripting = torch.jit.is_scripting  # (TorchScript knows the function, not the name)
 
 # TorchScript parses these annotations (it reads neither `X | None` nor a postponed annotation
 # that names a typing construct it lacks): hence `Optional`.
@@ -77,7 +82,7 @@ class LayerNorm(_FusedOptions, torch.nn.LayerNorm):
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None):  # noqa: UP045
         """``y``, or ``(y, h)`` when a residual is passed (not under TorchScript)."""
-        if torch.jit.is_scripting():
+        if _is_scripting():
             _no_residual_in_script(residual)
             x = _dropout_in_script(input, self.dropout_p, self.training)
             weight, bias = self.weight, self.bias
@@ -87,13 +92,13 @@ class LayerNorm(_FusedOptions, torch.nn.LayerNorm):
                                     None if bias is None else bias.to(ct), self.eps
                                     ).to(x.dtype)
             return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        if residual is None and self.dropout_p == 0.0 and not self.zero_centered_weight \
+                and not self.memory_efficient:
+            return _layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         return self._fused_forward(input, residual)
 
     @torch.jit.unused
     def _fused_forward(self, input, residual):
-        if residual is None and not self.dropout_p and not self.zero_centered_weight \
-                and not self.memory_efficient:
-            return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                           residual=residual, **self._options())
 
@@ -116,7 +121,7 @@ class RMSNorm(_FusedOptions, torch.nn.RMSNorm):
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None):  # noqa: UP045
         """``y``, or ``(y, h)`` when a residual is passed (not under TorchScript)."""
-        if torch.jit.is_scripting():
+        if _is_scripting():
             _no_residual_in_script(residual)
             x = _dropout_in_script(input, self.dropout_p, self.training)
             weight = self.weight
@@ -125,13 +130,13 @@ class RMSNorm(_FusedOptions, torch.nn.RMSNorm):
                 return F.rms_norm(x.to(ct), self.normalized_shape, weight.to(ct) + 1.0,
                                   self.eps).to(x.dtype)
             return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+        if residual is None and self.dropout_p == 0.0 and not self.zero_centered_weight \
+                and not self.memory_efficient:
+            return _rms_norm(input, self.normalized_shape, self.weight, self.eps)
         return self._fused_forward(input, residual)
 
     @torch.jit.unused
     def _fused_forward(self, input, residual):
-        if residual is None and not self.dropout_p and not self.zero_centered_weight \
-                and not self.memory_efficient:
-            return rms_norm(input, self.normalized_shape, self.weight, self.eps)
         return rms_norm(input, self.normalized_shape, self.weight, self.eps,
                         residual=residual, **self._options())
 

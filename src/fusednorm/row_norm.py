@@ -409,41 +409,53 @@ def draw_seed() -> int | Tensor:
 # Public functions.
 
 _PLANS: dict[tuple, _Plan] = {}
+_SHAPE_TYPES = (tuple, list, torch.Size)
+_transforms_active, _dispatch_modes = _route._transforms_active, _route._dispatch_modes
+_function_modes, _tracing_state = _route._function_modes, _route._tracing_state
+_forward_ad = torch.autograd.forward_ad
 _MAX_PLANS = 4096
 
 
 def _tensor_signature(t):
     return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device,
-                                   t.requires_grad, t.layout, t.is_neg())
+                                   t.requires_grad, t.is_neg())
 
 
 def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
               out_dtype, zero_centered, xhat_dtype, memory_efficient, is_rms):
     """Shared body of layer_norm and rms_norm: the way the call goes (see the module's
     docstring), then, for plain tensors, the plan of its signature."""
-    args = (x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
-            out_dtype, zero_centered, xhat_dtype, memory_efficient, is_rms)
     if torch.compiler.is_compiling():
+        args = (x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
+                out_dtype, zero_centered, xhat_dtype, memory_efficient, is_rms)
         return _exported(*args) if torch.compiler.is_exporting() else _traced(*args)
     # Everything the checks, the layout and the autograd decision depend on (and the backend
-    # setting): a call with another signature never meets this plan. The layout and the
-    # negation bit tell apart tensors whose shape and strides a plain one can share.
+    # setting): a call with another signature never meets this plan. The negation bit tells
+    # apart tensors whose shape and strides a plain one can share (the layout is left out: a
+    # sparse or mkldnn tensor that met a plain one's plan could only make the kernel's
+    # data_ptr() raise). The state checks are `_route.plain_state`'s, inlined: every call
+    # pays them.
     key = None
-    if (type(x) is Tensor and type(normalized_shape) in (tuple, list, torch.Size)
-            and _route.plain_state()):
+    if (type(x) is Tensor and type(normalized_shape) in _SHAPE_TYPES
+            and not (_transforms_active() or _forward_ad._current_level >= 0
+                     or _dispatch_modes() or _function_modes() or _tracing_state() is not None)):
         x = unwrap_if_dead(x)
         device = x.device
         try:
-            key = (is_rms, x.shape, x.stride(), x.dtype, device, x.requires_grad, x.layout,
-                   x.is_neg(), tuple(normalized_shape), _tensor_signature(weight),
+            key = (is_rms, x.shape, x.stride(), x.dtype, device, x.requires_grad, x.is_neg(),
+                   normalized_shape if type(normalized_shape) is not list
+                   else tuple(normalized_shape), _tensor_signature(weight),
                    _tensor_signature(bias), _tensor_signature(residual), eps, dropout_p,
                    residual_in_fp32, out_dtype, zero_centered, xhat_dtype, memory_efficient,
-                   torch.is_grad_enabled(), _backend._current, casts(device.type))
+                   torch.is_grad_enabled(), _backend._current,
+                   device.type != "cpu" and casts(device.type))  # (the CPU casts nothing)
         except (RuntimeError, AttributeError):  # no strides (strided nested), no tensor
             key = None
         else:
             plan = _PLANS.get(key)
     if key is None or plan is None:
+        args = (x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
+                out_dtype, zero_centered, xhat_dtype, memory_efficient, is_rms)
         if type(x) is not Tensor or (residual is not None and type(residual) is not Tensor):
             x, residual = _route.settled(x, residual)
             args = (x, normalized_shape, weight, bias, eps, residual, *args[6:])
