@@ -105,6 +105,8 @@ TRANSFORMS = {
     "jacfwd": lambda fn, x, w, b: tf.jacfwd(fn, argnums=(0, 1, 2))(x, w, b),
     "hessian": lambda fn, x, w, b: tf.hessian(_loss(fn, torch.cos(x)), argnums=(0, 1))(x, w, b),
     "jacrev_jacrev": lambda fn, x, w, b: tf.jacrev(tf.jacrev(_loss(fn, torch.cos(x))))(x, w, b),
+    "jacfwd_jacfwd": lambda fn, x, w, b: tf.jacfwd(tf.jacfwd(_loss(fn, torch.cos(x)),
+                                                             argnums=(0, 1)))(x, w, b),
     "forward_ad": lambda fn, x, w, b: _forward_ad(fn, x, w, b),
 }
 
@@ -130,7 +132,8 @@ def _compare(ours, theirs, ref, what):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_transform_matches_torch(family, transform):
     ours, theirs, ref, x_shape, w_shape = FAMILIES[family]
-    if transform in ("hessian", "jacrev_jacrev") and family.startswith("layer_norm_2d"):
+    if transform in ("hessian", "jacrev_jacrev", "jacfwd_jacfwd") and family.startswith(
+            "layer_norm_2d"):
         pytest.skip("the 1-D family covers second order")
     x, w, b = _inputs(x_shape, w_shape)
     apply = TRANSFORMS[transform]

@@ -50,7 +50,7 @@ def way(*tensors: Tensor | None) -> str:
     if function_mode():
         return "torch"
     if transforming():
-        return "transform" if readable_all(*tensors) else "torch"
+        return "transform" if readable_all(*tensors) and not forward_over_forward() else "torch"
     return route(*tensors)
 
 
@@ -59,6 +59,15 @@ def transforming() -> bool:
     transform wraps the tensors (no storage to read), forward-mode AD needs their jvp rules,
     or a TorchDispatchMode wants to see the op."""
     return _transforms_active() or _forward_ad._current_level >= 0 or _dispatch_modes() > 0
+
+
+def forward_over_forward() -> bool:
+    """Whether two forward-mode levels are active (jacfwd of jacfwd, jvp of jvp). torch runs an
+    autograd.Function's jvp rule with forward AD off, so the outer level would not see the rule's
+    own ops: such calls take torch's ops, which torch.func differentiates to any order."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    # (torch.autograd.forward_ad does not nest, nor nests under a functorch jvp)
+    return sum(level.key() == torch._C._functorch.TransformType.Jvp for level in stack) >= 2
 
 
 def plain_state() -> bool:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from fusednorm._backend import kernels
 from fusednorm._checks import compute_dtype
+from fusednorm._route import _forward_ad
 from fusednorm._row_ops import bwd_op, effective_weight, first_order_grads, fwd_op, normalized
 
 
@@ -121,11 +122,14 @@ def _each_sample(function, info, in_dims, tensors, others):
     return tuple(stacked), tuple(dims)
 
 
-def _xhat(saved: Tensor, ct: torch.dtype, spec: RowSpec, weight=None, bias=None) -> Tensor:
-    """x̂ (*, N) in the compute dtype from the saved tensor: the norm's input, or
-    (memory_efficient) the output y = x̂·w + b. In torch ops, the statistics recomputed: x̂ is
-    then differentiable in the norm's input, as higher derivatives need (the statistics the
-    forward returned are constants to autograd)."""
+def _xhat(saved: Tensor, mean: Tensor, rstd: Tensor, spec: RowSpec, weight=None, bias=None
+          ) -> Tensor:
+    """x̂ (*, N) in the compute dtype, in torch ops, from the saved tensor: the norm's input, or
+    (memory_efficient) the output y = x̂·w + b. When something may differentiate the result
+    (`_differentiated`), the statistics are recomputed from the input, so that x̂ depends on it
+    as higher derivatives need (the statistics the forward returned are constants to
+    autograd); otherwise the forward's statistics serve."""
+    ct = rstd.dtype
     rows = _rows(saved, spec).to(ct)
     if spec.memory_efficient:
         # (a parameter is (*normalized), or per sample (batch, 1.., *normalized))
@@ -134,7 +138,18 @@ def _xhat(saved: Tensor, ct: torch.dtype, spec: RowSpec, weight=None, bias=None)
         if weight is not None:
             rows = rows / effective_weight(_rows(weight, spec), spec.zero_centered, ct)
         return rows
-    return normalized(rows, spec.eps, spec.is_rms)[0]
+    if _differentiated(saved):
+        return normalized(rows, spec.eps, spec.is_rms)[0]
+    if spec.is_rms:
+        return rows * rstd.unsqueeze(-1)
+    return (rows - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+
+
+def _differentiated(t: Tensor) -> bool:
+    """Whether what is computed from t may be differentiated: autograd records it, forward AD
+    is on, or an outer torch.func transform wraps it (a grad or jvp level, perhaps)."""
+    return ((torch.is_grad_enabled() and t.requires_grad) or _forward_ad._current_level >= 0
+            or torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +218,7 @@ class RowNorm(torch.autograd.Function):
             if weight is not None:
                 ty = ty * effective_weight(weight, spec.zero_centered, ct)
         if tweight is not None or tbias is not None:
-            xhat = _unrows(_xhat(h, ct, spec.replace(memory_efficient=False)), spec)
+            xhat = _unrows(_xhat(h, mean, rstd, spec.replace(memory_efficient=False)), spec)
             if spec.xhat_dtype is not None:
                 xhat = xhat.to(spec.xhat_dtype).to(ct)
             extra = None if tweight is None else xhat * tweight.to(ct)
@@ -315,7 +330,7 @@ class RowNormBackward(torch.autograd.Function):
         else:  # per-sample parameters: g = dy·w in torch ops, the rest on the kernel
             g = dy.to(ct) if w is None else dy.to(ct) * effective_weight(w, spec.zero_centered,
                                                                          ct)
-            x_in = _unrows(_xhat(saved, ct, spec, w, b), spec) \
+            x_in = _unrows(_xhat(saved, mean, rstd, spec, w, b), spec) \
                 if spec.memory_efficient else saved
             dx, dres, _, _ = RowNormBackward.apply(g, dh_out, x_in, None, None, mean, rstd,
                                                    seed, spec.replace(zero_centered=False),
@@ -326,7 +341,7 @@ class RowNormBackward(torch.autograd.Function):
             d = _rows(dy, spec).to(ct)
             sums = tuple(range(1, d.dim() - 1))  # each sample's rows
             if weight is not None:
-                xhat = _xhat(saved, ct, spec, w, b)
+                xhat = _xhat(saved, mean, rstd, spec, w, b)
                 dw = _unrows(_sum_rows(d * xhat, sums), spec).to(weight.dtype)
                 w_dim = 0
             if bias is not None:

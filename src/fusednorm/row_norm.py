@@ -483,6 +483,10 @@ def _through_functions(x, normalized_shape, weight, bias, eps, residual, dropout
                        memory_efficient, is_rms):
     """torch.func transforms, forward AD, DTensor, dispatch modes: the autograd
     Functions with a rule for each, on the registered ops."""
+    if _route.forward_over_forward():  # (the composite: torch's layer_norm is wrong there)
+        return _through_torch(x, normalized_shape, weight, bias, eps, residual, dropout_p,
+                              residual_in_fp32, out_dtype, zero_centered, xhat_dtype,
+                              memory_efficient, is_rms, composite=True)
     residual, local_h = _dtensor.local_residual(x, residual)
     plan, x, weight, bias = _checked(x, normalized_shape, weight, bias, eps, residual, dropout_p,
                                      residual_in_fp32, out_dtype, zero_centered, xhat_dtype,
@@ -529,13 +533,16 @@ def _checked(x, normalized_shape, weight, bias, eps, residual, dropout_p, residu
 
 def _through_torch(x, normalized_shape, weight, bias, eps, residual, dropout_p,
                    residual_in_fp32, out_dtype, zero_centered, xhat_dtype, memory_efficient,
-                   is_rms):
-    """A TorchFunctionMode is active: torch's ops, which it sees (and which allocate where it
-    says); the composite for the options torch lacks."""
+                   is_rms, composite=False):
+    """torch's ops (the composite for the options torch lacks): under a TorchFunctionMode,
+    which sees them (and says where they allocate), and for forward-over-forward derivatives
+    (`_route.forward_over_forward`)."""
     with use_backend("torch"):
         plan = _Plan(x, normalized_shape, weight, bias, eps, residual, dropout_p,
                      residual_in_fp32, out_dtype, zero_centered, xhat_dtype, memory_efficient,
                      is_rms, traced=True)
+    if composite and plan.kind == "torch":
+        plan.kind = "composite"
     return plan.run(plan, x, residual, weight, bias)
 
 
