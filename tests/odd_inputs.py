@@ -1,8 +1,8 @@
 """Odd inputs for every public function, run in a child process by test_odd_inputs.py.
 
-`python tests/odd_inputs.py FAMILY` calls fusednorm's function and torch's on each case and
-prints one line per case: "start NAME" before it (so that a crash names its case), then "same
-NAME" or "differs NAME: why". Same means: both raised the same exception type with the same
+`python tests/odd_inputs.py [FAMILY ...]` (default: all) calls fusednorm's function and torch's
+on each case and prints one line per case: "start FAMILY: NAME" before it (so that a crash
+names its case), then "same FAMILY: NAME" or "differs FAMILY: NAME: why". Same means: both raised the same exception type with the same
 message, or both returned the same type of tensor with the same values.
 """
 
@@ -162,9 +162,10 @@ def main(family: str) -> None:
     contexts = {name: lambda fn, x, w, b: fn(x, w, b) for name in cases}
     cases["under torch.device('meta')"] = (torch.randn(shape, requires_grad=True), W8, W8)
     contexts["under torch.device('meta')"] = _in_meta_context
-    for name, (x, w, b) in cases.items():
+    for case, (x, w, b) in cases.items():
+        name = f"{family}: {case}"
+        run = contexts[case]
         print("start", name, flush=True)
-        run = contexts[name]
         diff = _differences(_outcome(lambda x=x, w=w, b=b, run=run: run(ours, x, w, b)),
                             _outcome(lambda x=x, w=w, b=b, run=run: run(theirs, x, w, b)))
         print("same" if diff is None else "differs", name + ("" if diff is None else f": {diff}"),
@@ -172,4 +173,5 @@ def main(family: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    for family in sys.argv[1:] or FAMILIES:
+        main(family)
