@@ -27,6 +27,7 @@ from torch import Tensor
 
 from fusednorm._checks import compute_dtype
 from fusednorm._layout import as_ncs, from_layout
+from fusednorm._route import op_or_impl
 
 
 def _group_norms():
@@ -119,8 +120,8 @@ class GroupNormFn(torch.autograd.Function):
         gn = _group_norms()
         x3, cl = as_ncs(x)
         w, b = _params(weight, bias, x3.shape[1], x)
-        y3, mean, var = gn._fwd_op(x3, w, b, spec.groups, spec.eps, spec.silu, cl,
-                                   spec.backend)
+        y3, mean, var = op_or_impl(gn._fwd_op, gn._fwd_impl, x)(
+            x3, w, b, spec.groups, spec.eps, spec.silu, cl, spec.backend)
         return from_layout(y3, x.shape), mean, var
 
     @staticmethod
@@ -192,8 +193,9 @@ class GroupNormBackward(torch.autograd.Function):
         gn = _group_norms()
         x3, cl = as_ncs(x)
         w, b = _params(weight, bias, x3.shape[1], x)
-        dx3, dw, db = gn._bwd_op(dy.reshape(x3.shape), x3, w, b, mean, var, spec.groups,
-                                spec.eps, spec.silu, cl, spec.backend)
+        dx3, dw, db = op_or_impl(gn._bwd_op, gn._bwd_impl, dy)(
+            dy.reshape(x3.shape), x3, w, b, mean, var, spec.groups, spec.eps, spec.silu, cl,
+            spec.backend)
         empty = dy.new_empty((0,))
         return (from_layout(dx3, x.shape),
                 dw.to(weight.dtype) if need_w and weight is not None else empty,
@@ -268,7 +270,8 @@ class BatchNormFn(torch.autograd.Function):
         rm = rv = None
         if not spec.training:
             rm, rv = running_mean.to(ct).contiguous(), running_var.to(ct).contiguous()
-        y3, mean, var = bn._fwd_op(x3, w, b, rm, rv, spec.eps, cl, spec.backend)
+        y3, mean, var = op_or_impl(bn._fwd_op, bn._fwd_impl, x)(x3, w, b, rm, rv, spec.eps, cl,
+                                                                spec.backend)
         if not spec.training:
             mean, var = rm.clone(), rv.clone()
         return from_layout(y3, x.shape), mean, var
@@ -332,8 +335,9 @@ class BatchNormBackward(torch.autograd.Function):
         bn = _batch_norms()
         x3, cl = as_ncs(x, True)
         w, b = _params(weight, bias, x3.shape[1], x)
-        dx3, dw, db = bn._bwd_op(dy.reshape(x3.shape), x3, w, b, mean, var, spec.eps,
-                                spec.training, cl, spec.backend)
+        dx3, dw, db = op_or_impl(bn._bwd_op, bn._bwd_impl, dy)(
+            dy.reshape(x3.shape), x3, w, b, mean, var, spec.eps, spec.training, cl,
+            spec.backend)
         empty = dy.new_empty((0,))
         return (from_layout(dx3, x.shape),
                 dw.to(weight.dtype).view(weight.shape) if need_w and weight is not None

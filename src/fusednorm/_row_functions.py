@@ -29,8 +29,16 @@ from torch import Tensor
 
 from fusednorm._backend import kernels
 from fusednorm._checks import compute_dtype
-from fusednorm._route import _forward_ad
-from fusednorm._row_ops import bwd_op, effective_weight, first_order_grads, fwd_op, normalized
+from fusednorm._route import _forward_ad, op_or_impl
+from fusednorm._row_ops import (
+    _bwd_impl,
+    _fwd_impl,
+    bwd_op,
+    effective_weight,
+    first_order_grads,
+    fwd_op,
+    normalized,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +169,7 @@ class RowNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(x, residual, weight, bias, seed, spec):
-        y, h, mean, rstd = fwd_op(
+        y, h, mean, rstd = op_or_impl(fwd_op, _fwd_impl, x)(
             _rows(x, spec), _flat(weight), _flat(bias), _rows(residual, spec), spec.eps,
             spec.is_rms, spec.zero_centered, spec.dropout_p, seed, spec.out_dtype,
             spec.residual_dtype, spec.xhat_dtype, spec.backend)
@@ -272,7 +280,7 @@ class RowNormBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(dy, dh_out, saved, weight, bias, mean, rstd, seed, spec, need_w):
-        dx, dres, dw, db = bwd_op(
+        dx, dres, dw, db = op_or_impl(bwd_op, _bwd_impl, dy)(
             _rows(dy, spec), _rows(saved, spec), _flat(weight), _flat(bias), mean, rstd,
             _rows(dh_out, spec), spec.eps, spec.is_rms, spec.zero_centered, spec.dropout_p,
             seed, spec.has_residual, spec.x_dtype, spec.residual_dtype, need_w,
