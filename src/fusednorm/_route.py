@@ -5,8 +5,9 @@ their values. Everything else a torch tensor can be goes another way, decided he
 data pointer is taken:
 
 - `transforming()`: a torch.func transform (vmap, grad, jvp, ...) or forward-mode AD is
-  active, or a TorchDispatchMode is: the autograd Functions of `_functions.py`, whose rules
-  for each transform run the kernels through the registered ops.
+  active, or a TorchDispatchMode is: the autograd Functions of `_row_functions.py` and
+  `_channel_functions.py`, whose rules for each transform run the kernels through the
+  registered ops (`forward_over_forward()`: torch's ops instead).
 - `tracing()`: TorchScript's tracer records aten ops only: torch's ops (`_export.py`).
 - `function_mode()`: a TorchFunctionMode (`with torch.device(...)`, a user's mode) sees torch's
   functions, and changes where their factory calls allocate: torch's op, as torch would run.
@@ -55,7 +56,7 @@ def way(*tensors: Tensor | None) -> str:
 
 
 def transforming() -> bool:
-    """Whether a call must go through the autograd Functions of `_functions.py`: a torch.func
+    """Whether a call must go through the transform-aware autograd Functions: a torch.func
     transform wraps the tensors (no storage to read), forward-mode AD needs their jvp rules,
     or a TorchDispatchMode wants to see the op."""
     return _transforms_active() or _forward_ad._current_level >= 0 or _dispatch_modes() > 0

@@ -3,7 +3,7 @@
 `RowNorm` and `RowNormBackward` run the kernels through the registered ops (`_row_ops.py`) and
 carry a rule for every transform, so that torch.func (vmap, grad, jvp, jacrev, jacfwd, hessian,
 functional_call), forward-mode AD, DTensor (the ops' sharding rules) and dispatch modes all
-compose with them. Eager calls on plain tensors take the leaner Functions of `row_norm.py`;
+compose with them. Eager calls on plain tensors take the leaner Functions of `_row_plans.py`;
 torch.compile its own (dynamo does not trace a custom jvp).
 
 - vmap: a batched row norm is the same norm over more rows: one kernel launch. Per-sample
