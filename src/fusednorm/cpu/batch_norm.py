@@ -86,10 +86,11 @@ class BatchNormPlan:
         self.half = x_dtype == torch.float16
         self.cap = thread_cap(n_ * c_ * s_, max(n_ * c_, n_ * s_))
         key = (STORAGE[ct], STORAGE[x_dtype])
-        if channels_last:
-            self._fwd, self._bwd = _CL_FWD[key], _CL_BWD[key]
-        else:
-            self._fwd, self._bwd = _CF_FWD[key], _CF_BWD[key + (STORAGE[x_dtype],)]
+        self._fwd = (_CL_FWD if channels_last else _CF_FWD)[key]
+        # the backward kernel is compiled (or loaded) at the first backward: inference never
+        # waits for it, and a first training step waits for each kernel in turn
+        self._bwd_key = key if channels_last else key + (STORAGE[x_dtype],)
+        self._bwd_kernel = None
 
     def _threads(self) -> int:
         return threads(self.cap)
@@ -127,7 +128,9 @@ class BatchNormPlan:
         dx = empty_layout(x, self.cl)
         dw, db = torch.empty(c_, dtype=self.ct), torch.empty(c_, dtype=self.ct)
         mean_c, var_c = mean.contiguous(), var.contiguous()
-        self._call(self._bwd, CL_BWD if self.cl else CF_BWD,
+        if self._bwd_kernel is None:
+            self._bwd_kernel = (_CL_BWD if self.cl else _CF_BWD)[self._bwd_key]
+        self._call(self._bwd_kernel, CL_BWD if self.cl else CF_BWD,
                    [dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean_c.data_ptr(),
                     var_c.data_ptr(), dx.data_ptr(), dw.data_ptr(), db.data_ptr()], training,
                    True)

@@ -90,10 +90,11 @@ class GroupNormPlan:
         self.cap = thread_cap(work, n_ * ((s_ + self.rows - 1) // self.rows) if channels_last
                               else n_ * groups)
         key = (STORAGE[ct], STORAGE[x_dtype])
-        if channels_last:
-            self._fwd, self._bwd = _CL_FWD[key], _CL_BWD[key]
-        else:
-            self._fwd, self._bwd = _CF_FWD[key], _CF_BWD[key + (STORAGE[x_dtype],)]
+        self._fwd = (_CL_FWD if channels_last else _CF_FWD)[key]
+        # the backward kernel is compiled (or loaded) at the first backward: inference never
+        # waits for it, and a first training step waits for each kernel in turn
+        self._bwd_key = key if channels_last else key + (STORAGE[x_dtype],)
+        self._bwd_kernel = None
         self._calls: dict[tuple[bool, int], tuple[Scratch, bytes]] = {}
 
     def _threads(self) -> int:
@@ -152,7 +153,9 @@ class GroupNormPlan:
         need, tail = self._call(True, threads)
         _held, shared, local = need.take(threads)  # (held until the kernel returns)
         layout = CL_BWD if self.cl else CF_BWD
-        self._bwd(layout.pack_call(
+        if self._bwd_kernel is None:
+            self._bwd_kernel = (_CL_BWD if self.cl else _CF_BWD)[self._bwd_key]
+        self._bwd_kernel(layout.pack_call(
             dy.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean,
             mean + self.shape[0] * self.groups * self.size, dx.data_ptr(), dw.data_ptr(),
             db.data_ptr(), self.cp.data_ptr(), shared, local) + tail, threads)
