@@ -23,13 +23,15 @@ from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, scratc
 from fusednorm.cpu._launch import threads as threads_for
 
 BLOCK = 2048  # elements per statistics block (channels first): its two passes stay in L1
-CL_BLOCK = 4096  # elements per channels-last block (rows × C): a shape-only split, in L1
-SPAN = 16  # channels-last blocks per span: a task, and a piece of the statistics
+# Channels last: elements per span (rows × C), a task and a piece of the statistics, read twice
+# from L2; and at most so many rows, each channel's sums running down them in order (their
+# rounding grows with the count, as torch's do).
+CL_SPAN, CL_MAX_ROWS = 32768, 1024
 
 
 def cl_rows(c: int) -> int:
-    """Rows (spatial positions) per channels-last block: from C alone."""
-    return max(1, CL_BLOCK // max(c, 1))
+    """Rows (spatial positions) per channels-last span: from C alone."""
+    return min(CL_MAX_ROWS, max(1, CL_SPAN // max(c, 1)))
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -60,8 +62,7 @@ class Scratch:
 
 # --- channels last: GroupNorm, InstanceNorm and BatchNorm -------------------------------------
 
-_FIXED = ("n", "c", "s", "groups", "rows", "span", "local_bytes", "silu", "training",
-          "by_sample")
+_FIXED = ("n", "c", "s", "groups", "rows", "local_bytes", "training", "by_sample")
 CL_FWD = Layout(("x", "weight", "bias", "y", "mean", "var", "scratch", "local"), _FIXED,
                 ("eps",))
 CL_BWD = Layout(("dy", "x", "weight", "bias", "mean", "var", "dx", "dweight", "dbias",
@@ -90,10 +91,11 @@ class ChannelsLastPlan:
         self.shape, self.groups, self.eps, self.silu = (n_, c_, s_), groups, eps, silu
         self.size = itemsize(ct)
         self.rows = cl_rows(c_)
-        self.spans = ((s_ + self.rows - 1) // self.rows + SPAN - 1) // SPAN
+        self.spans = (s_ + self.rows - 1) // self.rows
         # threads worth waking: 1 below the grain (only the speed depends on it)
         self.cap = thread_cap(n_ * c_ * s_, n_ * self.spans)
-        self.key = (STORAGE[ct], STORAGE[x_dtype])
+        # (SiLU is compiled in: a model runs one or the other, and each kernel is smaller)
+        self.key = (STORAGE[ct], STORAGE[x_dtype], "silu" if silu else "")
         self._fwd = _CL_FWD[self.key]
         self._bwd = None  # compiled (or loaded) at the first backward
         self._tails: dict[tuple[bool, int, bool], tuple[Scratch, bytes]] = {}
@@ -109,12 +111,11 @@ class ChannelsLastPlan:
             if backward:
                 need = Scratch((2 * per * c_ + 4 * n_ * c_) * self.size, 2 * c_ * self.size)
             else:
-                need = Scratch(16 * per * self.groups + 2 * n_ * c_ * self.size,
-                               3 * c_ * self.size)
+                need = Scratch(16 * per * c_ + 2 * n_ * c_ * self.size, 3 * c_ * self.size)
             layout = CL_BWD if backward else CL_FWD
             tail = self._tails[backward, threads, training] = need, layout.fixed(
-                n=n_, c=c_, s=s_, groups=self.groups, rows=self.rows, span=SPAN,
-                local_bytes=need.local, silu=self.silu, training=training,
+                n=n_, c=c_, s=s_, groups=self.groups, rows=self.rows,
+                local_bytes=need.local, training=training,
                 by_sample=by_sample, eps=self.eps)
         return tail
 

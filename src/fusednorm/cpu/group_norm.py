@@ -25,7 +25,7 @@ from fusednorm.cpu._channels import (
 )
 from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, thread_cap, threads
 
-_FIXED = ("n", "c", "s", "groups", "silu")
+_FIXED = ("n", "c", "s", "groups")
 CF_FWD = Layout(("x", "weight", "bias", "y", "mean", "var"), _FIXED, ("eps",))
 CF_BWD = Layout(("dy", "x", "weight", "bias", "mean", "var", "dx", "dweight", "dbias",
                  "scratch"), _FIXED, ("eps",))
@@ -53,12 +53,13 @@ class GroupNormPlan:
         if channels_last:
             self._cl = ChannelsLastPlan(n_, c_, s_, groups, eps, silu, x_dtype)
             return
-        self.key = (STORAGE[ct], STORAGE[x_dtype])
+        # (SiLU is compiled in: a model runs one or the other, and each kernel is smaller)
+        self.key = (STORAGE[ct], STORAGE[x_dtype], "silu" if silu else "")
         self._fwd = _CF_FWD[self.key]
         self._bwd = None  # compiled (or loaded) at the first backward
         # threads worth waking: 1 below the grain (only the speed depends on it)
         self.cap = thread_cap(n_ * c_ * s_, n_ * groups)
-        self.tail = CF_FWD.fixed(n=n_, c=c_, s=s_, groups=groups, silu=silu, eps=eps)
+        self.tail = CF_FWD.fixed(n=n_, c=c_, s=s_, groups=groups, eps=eps)
         self.scratch = Scratch(2 * n_ * c_ * self.size, 0)
 
     def forward(self, x, weight, bias):

@@ -176,14 +176,25 @@ def my_share(typingctx, total):
     return types.UniTuple(types.int64, 2)(total), codegen
 
 
-@intrinsic
-def imin(typingctx, a, b):
-    """The smaller of two integers (numba's min() is a function of its own to compile)."""
-    def codegen(context, builder, sig, args):
-        x, y = (context.cast(builder, v, t, types.int64) for v, t in zip(args, sig.args))
-        return builder.select(builder.icmp_signed("<", x, y), x, y)
+def _integer_op(name: str, op, doc: str):
+    """An intrinsic of two int64 operands (non-negative for the divisions): one instruction,
+    where numba's // and % handle signs and zero, and its min() is a function of its own to
+    compile."""
+    def typer(typingctx, a, b):
+        def codegen(context, builder, sig, args):
+            x, y = (context.cast(builder, v, t, types.int64) for v, t in zip(args, sig.args))
+            return op(builder, x, y)
 
-    return types.int64(a, b), codegen
+        return types.int64(a, b), codegen
+
+    typer.__name__, typer.__doc__ = name, doc
+    return intrinsic(typer)
+
+
+idiv = _integer_op("idiv", lambda b, x, y: b.sdiv(x, y), "a // b for a >= 0 and b > 0.")
+imod = _integer_op("imod", lambda b, x, y: b.srem(x, y), "a % b for a >= 0 and b > 0.")
+imin = _integer_op("imin", lambda b, x, y: b.select(b.icmp_signed("<", x, y), x, y),
+                   "The smaller of a and b.")
 
 
 _NUMPY = {"float32": np.float32, "float64": np.float64, "uint16": np.uint16, "int16": np.int16}

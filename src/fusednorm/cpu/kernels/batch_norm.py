@@ -29,7 +29,9 @@ from fusednorm.cpu.kernels._dtypes import (
     at,
     barrier,
     floats,
+    idiv,
     imin,
+    imod,
     ints,
     load,
     my_share,
@@ -56,8 +58,8 @@ def build_fwd(compute, x):
         x, y = at(a[x_], n_ * c_ * s_, xt), at(a[y_], n_ * c_ * s_, xt)
         w, b = at(a[w_], c_, ct), at(a[b_], c_, ct)
         mean, var = at(a[mean_], c_, ct), at(a[var_], c_, ct)
-        per = (n_ + CHUNKS - 1) // CHUNKS  # samples per chunk
-        nch = (n_ + per - 1) // per
+        per = idiv(n_ + CHUNKS - 1, CHUNKS)  # samples per chunk
+        nch = idiv(n_ + per - 1, per)
         # scratch: the chunks' moments per channel (2·chunks·C float64); the scales and shifts
         pieces = at(a[scr_], 2 * nch * c_, np.float64)
         coef = at(a[scr_] + 16 * nch * c_, 2 * c_, ct)
@@ -101,7 +103,7 @@ def build_fwd(compute, x):
         barrier()
         lo, hi = my_share(n_ * c_)
         for q in range(lo, hi):  # y in memory order, no fused multiply-add (as GroupNorm's)
-            sc, sh = coef[q % c_], coef[c_ + q % c_]
+            sc, sh = coef[imod(q, c_)], coef[c_ + imod(q, c_)]
             xs, ys = view(x, q * s_, s_), view(y, q * s_, s_)
             for j in range(s_):
                 store(ys, j, load(xs, j) * sc + sh)
@@ -127,8 +129,8 @@ def build_bwd(compute, x):
         w = at(a[w_], c_, ct)
         mean, var = at(a[mean_], c_, ct), at(a[var_], c_, ct)
         dw, db = at(a[dw_], c_, ct), at(a[db_], c_, ct)
-        per = (n_ + CHUNKS - 1) // CHUNKS
-        nch = (n_ + per - 1) // per
+        per = idiv(n_ + CHUNKS - 1, CHUNKS)
+        nch = idiv(n_ + per - 1, per)
         # scratch: per channel rstd, rstd·w, k0, k2 (4·C); per chunk and channel Σdy and
         # Σdy·(x - mean) (2·chunks·C)
         co = at(a[scr_], 4 * c_, ct)
@@ -171,7 +173,7 @@ def build_bwd(compute, x):
         barrier()
         lo, hi = my_share(n_ * c_)
         for q in range(lo, hi):  # dx in memory order
-            c = q % c_
+            c = imod(q, c_)
             mu, rw, k0, k2 = mean[c], co[c_ + c], co[2 * c_ + c], co[3 * c_ + c]
             xs, gs, ds = view(x, q * s_, s_), view(dy, q * s_, s_), view(dx, q * s_, s_)
             for j in range(s_):

@@ -5,13 +5,13 @@ S rows of C channels, normalized per (sample, group) of C/G channels; BatchNorm 
 one sample of all N·S rows with a group per channel (and, in eval mode, statistics given).
 
 How the work is laid out, and why:
-- A sample's rows are cut into blocks of `rows` rows (a block stays in L1 for its two passes) and
-  the blocks into spans of `span` blocks, from the shape alone. The loops run along channels
-  (contiguous) row after row, so every per-channel sum is in row order and vectorizes across
-  channels without reassociation.
-- Forward, three steps: (0) each span's moments per group: a block's per-channel sums give the
-  group's block mean, the deviations' sums its moments (`moments`), merged into the span's in
-  block order (`chan`, float64); (1) per (sample, group), the spans merged in order, then each
+- A sample's rows are cut into spans of `rows` rows (about 128 KiB of float32: a task, and a
+  piece of the statistics, read twice from L2), from the shape alone. The loops run along
+  channels (contiguous) row after row, so every per-channel sum is in row order and vectorizes
+  across channels without reassociation.
+- Forward, three steps: (0) each span's moments per channel, by a corrected two-pass (the
+  channel's mean, then the deviations' sums: `moments`, float64); (1) per (sample, group), its
+  channels' span moments merged span by span, channel by channel (`chan`, float64), then each
   channel's scale and shift; (2) y = x·scale + shift (SiLU fused), span by span.
 - Backward: (0) per span, Σg and Σg·(x - mean) per channel (g = dy, or dy·silu'(z) with z
   recomputed from x); (1) per (sample, group), the spans added in order, then the means of w·g
@@ -35,7 +35,9 @@ from fusednorm.cpu.kernels._dtypes import (
     at,
     barrier,
     floats,
+    idiv,
     imin,
+    imod,
     ints,
     load,
     my_share,
@@ -46,32 +48,32 @@ from fusednorm.cpu.kernels._dtypes import (
 )
 
 
-def build_fwd(compute, x):
-    """The forward kernel for x stored as `x` and computing in `compute`."""
+def build_fwd(compute, x, activation):
+    """The forward kernel for x stored as `x`, computing in `compute`; activation "silu" or ""."""
     ct, xt = storage_type(compute), storage_type(x)
+    act = activation == "silu"  # (a constant: numba prunes the branch it rules out)
     size, eps_ = len(FWD), FWD.slot("eps")
     x_, w_, b_, y_, mean_, var_, scr_, loc_ = FWD.slots(
         "x", "weight", "bias", "y", "mean", "var", "scratch", "local")
-    n_s, c_s, s_s, g_s, rows_, span_, lb_, silu_, tr_, bs_ = FWD.slots(
-        "n", "c", "s", "groups", "rows", "span", "local_bytes", "silu", "training", "by_sample")
+    n_s, c_s, s_s, g_s, rows_, lb_, tr_, bs_ = FWD.slots(
+        "n", "c", "s", "groups", "rows", "local_bytes", "training", "by_sample")
 
     def entry(block):
         a, f = ints(block, size), floats(block, size)
-        n_, c_, s_, groups, rows, span = a[n_s], a[c_s], a[s_s], a[g_s], a[rows_], a[span_]
-        act, training, by_sample = a[silu_] != 0, a[tr_] != 0, a[bs_] != 0
+        n_, c_, s_, groups, rows = a[n_s], a[c_s], a[s_s], a[g_s], a[rows_]
+        training, by_sample = a[tr_] != 0, a[bs_] != 0
         eps, one, zero = ct(f[eps_]), ct(1), ct(0)
         x, y = at(a[x_], n_ * s_ * c_, xt), at(a[y_], n_ * s_ * c_, xt)
         w, b = at(a[w_], c_, ct), at(a[b_], c_, ct)
         mean, var = at(a[mean_], n_ * groups, ct), at(a[var_], n_ * groups, ct)
-        cg = c_ // groups
-        nblk = (s_ + rows - 1) // rows
-        nsp = (nblk + span - 1) // span
-        # scratch: the spans' moments per group (2·N·spans·G float64), then each channel's scale
-        # and shift per sample (2·N·C); per thread a block's sums per channel (3·C)
-        pieces = at(a[scr_], 2 * n_ * nsp * groups, np.float64)
-        coef = at(a[scr_] + 16 * n_ * nsp * groups, 2 * n_ * c_, ct)
+        cg = idiv(c_, groups)
+        nsp = idiv(s_ + rows - 1, rows)
+        # scratch: the spans' moments per channel (2·N·spans·C float64), then each channel's
+        # scale and shift per sample (2·N·C); per thread a span's sums per channel (3·C)
+        pieces = at(a[scr_], 2 * n_ * nsp * c_, np.float64)
+        coef = at(a[scr_] + 16 * n_ * nsp * c_, 2 * n_ * c_, ct)
         mine = at(a[loc_] + thread_id() * a[lb_], 3 * c_, ct)
-        acc, sd, ss = view(mine, 0, c_), view(mine, c_, c_), view(mine, 2 * c_, c_)
+        cm, sd, ss = view(mine, 0, c_), view(mine, c_, c_), view(mine, 2 * c_, c_)
         s0, s1 = my_share(n_) if by_sample else (0, 1)
         for u in range(s0, s1):  # by sample: each of the thread's samples; else once
             for step in range(3):
@@ -82,16 +84,16 @@ def build_fwd(compute, x):
                 tasks = groups if step == 1 else nsp
                 lo, hi = (u * tasks, (u + 1) * tasks) if by_sample else my_share(n_ * tasks)
                 for t in range(lo, hi):
-                    n = t // tasks
-                    if step == 1:  # group g of sample n: its spans merged in order; the scales
-                        g = t % groups
+                    n = idiv(t, tasks)
+                    if step == 1:  # group g of sample n: its pieces merged in order; the scales
+                        g = imod(t, groups)
                         if training:
                             mu, m2, cnt = 0.0, 0.0, 0
                             for sp in range(nsp):
-                                i = (n * nsp + sp) * groups + g
-                                k = (imin(s_, (sp + 1) * span * rows) - sp * span * rows) * cg
-                                mu, m2, cnt = chan(mu, m2, cnt, pieces[i],
-                                                   pieces[n_ * nsp * groups + i], k)
+                                k = imin(s_, (sp + 1) * rows) - sp * rows
+                                p = view(pieces, ((n * nsp + sp) * 2 * c_), 2 * c_)
+                                for c in range(g * cg, (g + 1) * cg):
+                                    mu, m2, cnt = chan(mu, m2, cnt, p[c], p[c_ + c], k)
                             mean[t] = mu
                             var[t] = m2 / cnt
                         m, r = mean[t], one / np.sqrt(var[t] + eps)  # as the backward reads
@@ -99,13 +101,14 @@ def build_fwd(compute, x):
                             coef[n * 2 * c_ + c] = r * w[c]
                             coef[n * 2 * c_ + c_ + c] = b[c] - m * (r * w[c])
                         continue
-                    sp = t % nsp
-                    r0, r1 = sp * span * rows, imin(s_, (sp + 1) * span * rows)
-                    base = n * s_ * c_
+                    r0 = imod(t, nsp) * rows
+                    nr = imin(s_ - r0, rows)
+                    xs = view(x, (n * s_ + r0) * c_, nr * c_)
                     if step == 2:  # y, row by row
+                        ys = view(y, (n * s_ + r0) * c_, nr * c_)
                         sc, sh = view(coef, n * 2 * c_, c_), view(coef, n * 2 * c_ + c_, c_)
-                        for q in range(r0, r1):
-                            xr, yr = view(x, base + q * c_, c_), view(y, base + q * c_, c_)
+                        for q in range(nr):
+                            xr, yr = view(xs, q * c_, c_), view(ys, q * c_, c_)
                             if act:
                                 for c in range(c_):
                                     store(yr, c, silu(load(xr, c) * sc[c] + sh[c]))
@@ -113,67 +116,53 @@ def build_fwd(compute, x):
                                 for c in range(c_):
                                     store(yr, c, load(xr, c) * sc[c] + sh[c])
                         continue
-                    # step 0: the span's blocks, each merged into the span's moments in order
-                    pm = view(pieces, t * groups, groups)
-                    pm2 = view(pieces, (n_ * nsp + t) * groups, groups)
-                    cnt = 0
-                    for q0 in range(r0, r1, rows):
-                        nr = imin(r1, q0 + rows) - q0
-                        xb = view(x, base + q0 * c_, nr * c_)
+                    # step 0: the span's moments per channel, a corrected two-pass
+                    for c in range(c_):
+                        cm[c] = zero
+                    for q in range(nr):
+                        xr = view(xs, q * c_, c_)
                         for c in range(c_):
-                            acc[c] = zero
-                        for q in range(nr):
-                            xr = view(xb, q * c_, c_)
-                            for c in range(c_):
-                                acc[c] += load(xr, c)
-                        kb = ct(nr * cg)
-                        for g in range(groups):  # the group's block mean, for each channel
-                            s = zero
-                            for c in range(g * cg, (g + 1) * cg):
-                                s += acc[c]
-                            for c in range(g * cg, (g + 1) * cg):
-                                acc[c] = s / kb
-                                sd[c] = zero
-                                ss[c] = zero
-                        for q in range(nr):
-                            xr = view(xb, q * c_, c_)
-                            for c in range(c_):
-                                d = load(xr, c) - acc[c]
-                                sd[c] += d
-                                ss[c] += d * d
-                        for g in range(groups):
-                            t1, t2 = zero, zero
-                            for c in range(g * cg, (g + 1) * cg):
-                                t1 += sd[c]
-                                t2 += ss[c]
-                            bm, bm2 = moments(acc[g * cg], t1, t2, nr * cg)
-                            pm[g], pm2[g], _ = chan(pm[g], pm2[g], cnt, bm, bm2, nr * cg)
-                        cnt += nr * cg
+                            cm[c] += load(xr, c)
+                    for c in range(c_):
+                        cm[c] /= ct(nr)
+                        sd[c] = zero
+                        ss[c] = zero
+                    for q in range(nr):
+                        xr = view(xs, q * c_, c_)
+                        for c in range(c_):
+                            d = load(xr, c) - cm[c]
+                            sd[c] += d
+                            ss[c] += d * d
+                    p = view(pieces, t * 2 * c_, 2 * c_)
+                    for c in range(c_):
+                        p[c], p[c_ + c] = moments(cm[c], sd[c], ss[c], nr)
 
     return cfunc(entry)
 
 
-def build_bwd(compute, x):
-    """The backward kernel for x (and dy, dx) stored as `x`, computing in `compute`."""
+def build_bwd(compute, x, activation):
+    """The backward kernel for x (and dy, dx) stored as `x`, computing in `compute`; activation
+    "silu" or ""."""
     ct, xt = storage_type(compute), storage_type(x)
+    act = activation == "silu"
     csize = np.dtype(ct).itemsize
     size, eps_ = len(BWD), BWD.slot("eps")
     dy_, x_, w_, b_, mean_, var_, dx_, dw_, db_, scr_, loc_ = BWD.slots(
         "dy", "x", "weight", "bias", "mean", "var", "dx", "dweight", "dbias", "scratch", "local")
-    n_s, c_s, s_s, g_s, rows_, span_, lb_, silu_, tr_, bs_ = BWD.slots(
-        "n", "c", "s", "groups", "rows", "span", "local_bytes", "silu", "training", "by_sample")
+    n_s, c_s, s_s, g_s, rows_, lb_, tr_, bs_ = BWD.slots(
+        "n", "c", "s", "groups", "rows", "local_bytes", "training", "by_sample")
 
     def entry(block):
         a, f = ints(block, size), floats(block, size)
-        n_, c_, s_, groups, rows, span = a[n_s], a[c_s], a[s_s], a[g_s], a[rows_], a[span_]
-        act, training, by_sample = a[silu_] != 0, a[tr_] != 0, a[bs_] != 0
+        n_, c_, s_, groups, rows = a[n_s], a[c_s], a[s_s], a[g_s], a[rows_]
+        training, by_sample = a[tr_] != 0, a[bs_] != 0
         eps, one, zero = ct(f[eps_]), ct(1), ct(0)
         total = n_ * s_ * c_
         dy, x, dx = at(a[dy_], total, xt), at(a[x_], total, xt), at(a[dx_], total, xt)
         w, b = at(a[w_], c_, ct), at(a[b_], c_, ct)
         mean, var = at(a[mean_], n_ * groups, ct), at(a[var_], n_ * groups, ct)
-        cg = c_ // groups
-        nsp = ((s_ + rows - 1) // rows + span - 1) // span
+        cg = idiv(c_, groups)
+        nsp = idiv(s_ + rows - 1, rows)
         # scratch: per span Σg and Σg·(x - mean) per channel (2·N·spans·C); per sample and
         # channel Σg and Σg·x̂, then the dx coefficients k0, k2 (4·N·C); per thread the mean
         # and rstd·w of its sample's channels (2·C)
@@ -190,9 +179,9 @@ def build_bwd(compute, x):
                 tasks = groups if step == 1 else nsp
                 lo, hi = (u * tasks, (u + 1) * tasks) if by_sample else my_share(n_ * tasks)
                 for t in range(lo, hi):
-                    n = t // tasks
+                    n = idiv(t, tasks)
                     if step == 1:  # group g of sample n: its channels' sums, then k0 and k2
-                        g = t % groups
+                        g = imod(t, groups)
                         r = one / np.sqrt(var[t] + eps)
                         gs, gsx = zero, zero
                         for c in range(g * cg, (g + 1) * cg):
@@ -215,12 +204,12 @@ def build_bwd(compute, x):
                         continue
                     if n != have:
                         for c in range(c_):
-                            i = n * groups + c // cg
+                            i = n * groups + idiv(c, cg)
                             m[c] = mean[i]
                             rw[c] = one / np.sqrt(var[i] + eps) * w[c]
                         have = n
-                    sp = t % nsp
-                    r0, r1 = sp * span * rows, imin(s_, (sp + 1) * span * rows)
+                    r0 = imod(t, nsp) * rows
+                    r1 = imin(s_, r0 + rows)
                     base = n * s_ * c_
                     if step == 2:  # dx = rstd·w·g + k0 + (x - mean)·k2
                         k0 = view(sums, (2 * n_ + n) * c_, c_)

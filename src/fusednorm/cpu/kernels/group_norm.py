@@ -32,7 +32,9 @@ from fusednorm.cpu.kernels._dtypes import (
     at,
     barrier,
     floats,
+    idiv,
     imin,
+    imod,
     ints,
     load,
     my_share,
@@ -44,21 +46,22 @@ from fusednorm.cpu.kernels._dtypes import (
 )
 
 
-def build_fwd(compute, x):
-    """The forward kernel for x stored as `x`, computing in `compute`."""
+def build_fwd(compute, x, activation):
+    """The forward kernel for x stored as `x`, computing in `compute`; activation "silu" or ""."""
     ct, xt = storage_type(compute), storage_type(x)
+    act = activation == "silu"  # (a constant: numba prunes the branch it rules out)
     size, eps_ = len(FWD), FWD.slot("eps")
     x_, w_, b_, y_, mean_, var_ = FWD.slots("x", "weight", "bias", "y", "mean", "var")
-    n_s, c_s, s_s, g_s, silu_ = FWD.slots("n", "c", "s", "groups", "silu")
+    n_s, c_s, s_s, g_s = FWD.slots("n", "c", "s", "groups")
 
     def entry(block):
         a, f = ints(block, size), floats(block, size)
-        n_, c_, s_, groups, act = a[n_s], a[c_s], a[s_s], a[g_s], a[silu_] != 0
+        n_, c_, s_, groups = a[n_s], a[c_s], a[s_s], a[g_s]
         eps, one = ct(f[eps_]), ct(1)
         x, y = at(a[x_], n_ * c_ * s_, xt), at(a[y_], n_ * c_ * s_, xt)
         w, b = at(a[w_], c_, ct), at(a[b_], c_, ct)
         mean, var = at(a[mean_], n_ * groups, ct), at(a[var_], n_ * groups, ct)
-        cg = c_ // groups
+        cg = idiv(c_, groups)
         gsize = cg * s_
         lo, hi = my_share(n_ * groups)
         for t in range(lo, hi):
@@ -82,7 +85,7 @@ def build_fwd(compute, x):
             mean[t] = mu
             var[t] = m2 / gsize
             m, r = mean[t], one / np.sqrt(var[t] + eps)  # rounded as the backward reads them
-            c0 = (t % groups) * cg
+            c0 = imod(t, groups) * cg
             for ci in range(cg):
                 # y = x·sc + sh, no fused multiply-add: sh holds the rounded product m·sc, which
                 # x·sc must cancel alike
@@ -99,30 +102,32 @@ def build_fwd(compute, x):
     return cfunc(entry)
 
 
-def build_bwd(compute, x):
-    """The backward kernel for x (and dy, dx) stored as `x`, computing in `compute`."""
+def build_bwd(compute, x, activation):
+    """The backward kernel for x (and dy, dx) stored as `x`, computing in `compute`; activation
+    "silu" or ""."""
     ct, xt = storage_type(compute), storage_type(x)
+    act = activation == "silu"
     size, eps_ = len(BWD), BWD.slot("eps")
     dy_, x_, w_, b_, mean_, var_, dx_, dw_, db_, scr_ = BWD.slots(
         "dy", "x", "weight", "bias", "mean", "var", "dx", "dweight", "dbias", "scratch")
-    n_s, c_s, s_s, g_s, silu_ = BWD.slots("n", "c", "s", "groups", "silu")
+    n_s, c_s, s_s, g_s = BWD.slots("n", "c", "s", "groups")
 
     def entry(block):
         a, f = ints(block, size), floats(block, size)
-        n_, c_, s_, groups, act = a[n_s], a[c_s], a[s_s], a[g_s], a[silu_] != 0
+        n_, c_, s_, groups = a[n_s], a[c_s], a[s_s], a[g_s]
         eps, one, zero = ct(f[eps_]), ct(1), ct(0)
         total = n_ * c_ * s_
         dy, x, dx = at(a[dy_], total, xt), at(a[x_], total, xt), at(a[dx_], total, xt)
         w, b = at(a[w_], c_, ct), at(a[b_], c_, ct)
         mean, var = at(a[mean_], n_ * groups, ct), at(a[var_], n_ * groups, ct)
         sums = at(a[scr_], 2 * n_ * c_, ct)  # Σg and Σg·x̂ per (n, c)
-        cg = c_ // groups
+        cg = idiv(c_, groups)
         gsize = cg * s_
         lo, hi = my_share(n_ * groups)
         for t in range(lo, hi):
             mu, r = mean[t], one / np.sqrt(var[t] + eps)
-            c0 = (t % groups) * cg
-            p0 = (t // groups) * c_ + c0  # the group's first (n, c)
+            c0 = imod(t, groups) * cg
+            p0 = idiv(t, groups) * c_ + c0  # the group's first (n, c)
             gs, gsx = zero, zero  # Σ w·g and Σ w·g·x̂ over the group, channel by channel
             for ci in range(cg):
                 c = c0 + ci

@@ -31,6 +31,7 @@ from fusednorm.cpu.kernels._dtypes import (
     at,
     barrier,
     floats,
+    idiv,
     ints,
     load,
     my_share,
@@ -285,7 +286,7 @@ def build_bwd(compute, dy, hs, params, dho, dx, dr, dropout, from_output):
         dho_rows = at(a[dho_], (m - 1) * sdho + n, dhot)
         dx_rows, dr_rows = at(a[dx_], m * n, dxt), at(a[dr_], m * n, drt)
         mean, rstd = at(a[mean_], m, ct), at(a[rstd_], m, ct)
-        per = (m + nb - 1) // nb
+        per = idiv(m + nb - 1, nb)
         lo, hi = my_share(nb)
         for blk in range(lo, hi):
             dw_blk, db_blk = view(parts, blk * n, n), view(parts, (nb + blk) * n, n)
