@@ -110,7 +110,7 @@ def test_startup_warm_process_loads_kernels_without_numba():
     """The startup suite's plumbing, once: the cold process compiles (numba imported), the warm
     one loads the cache the cold one left (numba never imported); torch's first call is timed
     apart from ours."""
-    cold, warm = startup.run(dtypes=("float32",), repeats=1)
+    cold, warm = startup.run(dtypes=("float32",), repeats=1, norms=("GroupNorm-cl",))
     assert (cold["cache"], cold["numba_imported"]) == ("cold", True)
     assert (warm["cache"], warm["numba_imported"]) == ("warm", False)
     assert all(r["torch_first_call"] > 0 and r["forward"] > 0 for r in (cold, warm))

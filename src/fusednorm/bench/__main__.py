@@ -77,8 +77,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "RMSNorm, 2x32x4x4 GroupNorm; no grad, and module forward+backward): "
                         "median ratio to torch over interleaved rounds")
     suites.add_argument("--startup", action="store_true",
-                        help="a new process's import and first forward and backward, with an "
-                        "empty kernel cache (cold) and with the cache it left (warm)")
+                        help="a new process's import and first forward and backward (LayerNorm, "
+                        "GroupNorm and BatchNorm2d, channels first and last), with an empty "
+                        "kernel cache (cold) and with the cache it left (warm)")
     suites.add_argument("--models", action="store_true",
                         help="Hugging Face GPT-2 and Llama-style models (4 layers, width 768, "
                         "random init), patched against unpatched: a training step and 1- and "
