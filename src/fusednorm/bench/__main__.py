@@ -137,7 +137,7 @@ def shapes_for(args, dtype: torch.dtype) -> list[cases.Shape]:
              else cases.default_shapes(args.device, dtype, args.quick))
     first = {}  # a sweep shape may repeat a headline shape
     for s in found:
-        first.setdefault((s.M, s.N), s)
+        first.setdefault((s.M, s.N, s.dims), s)
     return list(first.values())
 
 
