@@ -28,7 +28,7 @@ from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, thread
 _FIXED = ("n", "c", "s", "groups")
 CF_FWD = Layout(("x", "weight", "bias", "y", "mean", "var"), _FIXED, ("eps",))
 CF_BWD = Layout(("dy", "x", "weight", "bias", "mean", "var", "dx", "dweight", "dbias",
-                 "scratch"), _FIXED, ("eps",))
+                 "scratch", "local"), _FIXED, ("eps",))
 
 
 def _kernels():
@@ -60,7 +60,8 @@ class GroupNormPlan:
         # threads worth waking: 1 below the grain (only the speed depends on it)
         self.cap = thread_cap(n_ * c_ * s_, n_ * groups)
         self.tail = CF_FWD.fixed(n=n_, c=c_, s=s_, groups=groups, eps=eps)
-        self.scratch = Scratch(2 * n_ * c_ * self.size, 0)
+        # the backward's: Σg, Σg·x̂ per (n, c); with SiLU per thread a group's g
+        self.scratch = Scratch(2 * n_ * c_ * self.size, c_ // groups * s_ * self.size if silu else 0)
 
     def forward(self, x, weight, bias):
         """(y, stats) of x in the plan's layout (any shape whose memory is (N, C, S) in it);
@@ -93,10 +94,10 @@ class GroupNormPlan:
         if self._bwd is None:
             self._bwd = _CF_BWD[self.key]
         n = threads(self.cap)
-        _held, shared, _ = self.scratch.take(n)  # (held until the kernel returns)
+        _held, shared, local = self.scratch.take(n)  # (held until the kernel returns)
         self._bwd(CF_BWD.pack_call(dy.data_ptr(), x.data_ptr(), weight.data_ptr(),
                                    bias.data_ptr(), mean, var, dx.data_ptr(), dw.data_ptr(),
-                                   db.data_ptr(), shared) + self.tail, n)
+                                   db.data_ptr(), shared, local) + self.tail, n)
         return dx, dw, db
 
 
