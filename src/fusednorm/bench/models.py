@@ -187,8 +187,13 @@ def case(model_name: str, workload: str, dtype: torch.dtype, variants=("eager",)
     # compiled models are checked on the timed shape: another would make a second graph, with
     # dynamic shapes
     check = inputs if compiled else tuple(t[:1] for t in inputs)
+    half = dtype in (torch.bfloat16, torch.float16)
     with torch.no_grad():
         expected = _output(base, check).float()
+        # in half precision, the float32 model is the yardstick: the norms' rounding compounds
+        # through a deep model (a bfloat16 autoencoder's outputs move by 6% of their largest)
+        exact = (_output(copy.deepcopy(base).float(), tuple(
+            t.float() if t.is_floating_point() else t for t in check)) if half else expected)
     if compiled:
         torch._dynamo.reset()  # each case compiles afresh (recompile limits are per code)
     wrap = torch.compile if compiled else (lambda m: m)
@@ -211,13 +216,20 @@ def case(model_name: str, workload: str, dtype: torch.dtype, variants=("eager",)
         ours = wrap(ours)
         with torch.no_grad():
             got = _output(ours, check).float()
-        # same weights, different kernels: the outputs differ by the norms' rounding only
-        tol = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-3
-        err = ((got - expected).abs().max() / expected.abs().max()).item()
+        # same weights, different kernels: the outputs differ by the norms' rounding only (in
+        # half precision no further from the float32 model than twice the unpatched model's)
+        err = _distance(got, exact)
+        tol = 2 * _distance(expected, exact) + 1e-2 if half else 1e-3
         if not err <= tol:
-            raise RuntimeError(f"{c.name} {variant}: patched outputs differ by {err:.3g}")
+            raise RuntimeError(f"{c.name} {variant}: patched outputs differ by {err:.3g} "
+                               f"(allowed {tol:.3g})")
         c.patched[variant] = _step(ours, inputs, train)
     return c
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to b's largest magnitude."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def measure(c: Case, rounds: int, min_sample_s: float = 0.5) -> list[dict]:
