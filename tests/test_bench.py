@@ -91,19 +91,22 @@ def test_channel_norm_ops_are_checked_and_keep_their_layout(tmp_path, monkeypatc
     is checked against the float64 reference of that op, and a wrong one is caught."""
     monkeypatch.setitem(providers.PROVIDERS, "wrong", _wrong_output)
     monkeypatch.setitem(cli.TIMING, "quick", {"min_sample_s": 1e-4, "budget_s": 0, "rounds": (2, 2)})
-    ops = ("group_norm", "group_norm_nhwc", "batch_norm", "batch_norm_nhwc")
-    rc = cli.main(["bench", "--quick", "--device", "cpu", "--ops", "channel_norms",
-              "--dtypes", "float32", "--modes", "fwd,fwdbwd", "--shapes", "64x128",
+    ops = ("group_norm", "group_norm_nhwc", "group_norm_silu", "group_norm_silu_nhwc",
+           "batch_norm", "batch_norm_nhwc")
+    # (an (M, N) shape, and an input given as BxCxHxW, which row norms cannot take)
+    rc = cli.main(["bench", "--quick", "--device", "cpu", "--ops", "channel_norms,layer_norm",
+              "--dtypes", "float32", "--modes", "fwd,fwdbwd", "--shapes", "64x128,3x64x5x7",
               "--out", str(tmp_path), "--providers", "fusednorm,torch,wrong"])
     capsys.readouterr()
     rows = list(csv.DictReader((tmp_path / "results.csv").read_text().splitlines()))
-    status = {(r["op"], r["mode"], r["provider"]): r for r in rows}
+    status = {(r["op"], r["mode"], r["provider"], r["input_shape"]): r for r in rows}
     for op in ops:
         for mode in ("fwd", "fwdbwd"):
-            assert status[(op, mode, "torch")]["status"] == "ok"
-            assert status[(op, mode, "fusednorm")]["status"] == "ok"
-            assert status[(op, mode, "wrong")]["status"] == "invalid"
-        assert status[(op, "fwd", "torch")]["input_shape"] == "2x256x4x4"  # 64 = 2·32 groups
+            for shape in ("2x256x4x4", "3x64x5x7"):  # 64 = 2·32 groups of 8 channels
+                assert status[(op, mode, "torch", shape)]["status"] == "ok"
+                assert status[(op, mode, "fusednorm", shape)]["status"] == "ok"
+                assert status[(op, mode, "wrong", shape)]["status"] == "invalid"
+    assert {r["input_shape"] for r in rows if r["op"] == "layer_norm"} == {"64x128"}
     assert rc == 0
     x = cases.make_inputs("batch_norm_nhwc", torch.float32, (2, 8, 3, 3), "cpu").args[0]
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

@@ -91,6 +91,32 @@ def test_models_patched_match_unpatched_on_tiny_configs(monkeypatch):
     assert all(r["speedup"] > 0 and r["speedup_cpu"] > 0 for r in rows)
 
 
+def test_models_diffusion_cases_on_tiny_configs(monkeypatch):
+    """The suite's UNet and autoencoder cases (inputs, outputs checked, patched and copy) on
+    tiny configs; bfloat16 training steps skipped where the CPU has no bfloat16 matmuls."""
+    diffusers = pytest.importorskip("diffusers")
+    small = {"block_out_channels": (32, 32), "layers_per_block": 1}
+    monkeypatch.setitem(models.MODELS, "unet", lambda dtype: diffusers.UNet2DModel(
+        sample_size=32, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), **small).to(dtype))
+    monkeypatch.setitem(models.MODELS, "vae", lambda dtype: diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        **small).to(dtype))
+    monkeypatch.setattr(models, "IMAGE_WORKLOADS", {  # (smaller images; one call a sample)
+        "unet": {"infer 1x8x8": (1, 8, False)}, "vae": {"train 2x8x8": (2, 8, True)}})
+    monkeypatch.setattr(models, "calls_per_sample", lambda fn, min_sample_s: 1)
+    rows = models.run(models=("unet", "vae"), dtypes=(torch.float32,), rounds=1,
+                      variants=("eager", "copy"))
+    assert [(r["case"], r["variant"]) for r in rows] == [
+        ("unet infer 1x8x8 float32", "eager"), ("unet infer 1x8x8 float32", "copy"),
+        ("vae train 2x8x8 float32", "eager"), ("vae train 2x8x8 float32", "copy")]
+    monkeypatch.setattr(models, "native_bf16_matmul", lambda: False)
+    skipped = []
+    assert models.run(models=("vae",), dtypes=(torch.bfloat16,), rounds=1,
+                      progress=skipped.append) == []
+    assert skipped == ["vae train 2x8x8 bfloat16 skipped: no bfloat16 matmuls"]
+
+
 def test_models_no_norm_ceiling_has_no_norm_left(monkeypatch):
     """The ceiling variant times the model with every norm that patch replaces gone."""
     pytest.importorskip("transformers")
@@ -110,7 +136,7 @@ def test_startup_warm_process_loads_kernels_without_numba():
     """The startup suite's plumbing, once: the cold process compiles (numba imported), the warm
     one loads the cache the cold one left (numba never imported); torch's first call is timed
     apart from ours."""
-    cold, warm = startup.run(dtypes=("float32",), repeats=1)
+    cold, warm = startup.run(dtypes=("float32",), repeats=1, norms=("GroupNorm-cl",))
     assert (cold["cache"], cold["numba_imported"]) == ("cold", True)
     assert (warm["cache"], warm["numba_imported"]) == ("warm", False)
     assert all(r["torch_first_call"] > 0 and r["forward"] > 0 for r in (cold, warm))

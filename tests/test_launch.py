@@ -218,6 +218,39 @@ def test_group_norm_plan_never_serves_another_signature():
     assert xg.grad is not None
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("family", ["group_norm", "batch_norm"])
+def test_a_forward_leaves_the_backward_kernel_to_the_first_backward(monkeypatch, family,
+                                                                    channels_last):
+    """A first forward waits for its own kernel's compilation only (inference never needs the
+    backward's, and a training step's first forward would otherwise wait for both)."""
+    from fusednorm.cpu import _channels, batch_norm, group_norm
+
+    launcher = {"group_norm": group_norm, "batch_norm": batch_norm}[family]
+    home = _channels if channels_last else launcher  # (channels last: one kernel for both)
+    name = "_CL_BWD" if channels_last else "_CF_BWD"
+    asked = []
+    kernel = getattr(home, name)
+
+    class Recording:
+        def __getitem__(self, key):
+            asked.append(key)
+            return kernel[key]
+
+    monkeypatch.setattr(home, name, Recording())
+    monkeypatch.setattr(launcher, "_PLANS", {})
+    x = randn(3, 8, 5, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    norm = (fusednorm.GroupNorm(4, 8) if family == "group_norm" else fusednorm.BatchNorm2d(8))
+    with fusednorm.use_backend("cpu"):
+        y = norm(x)
+        assert asked == []
+        y.sum().backward()
+    assert len(asked) == 1 and x.grad is not None
+
+
 @pytest.mark.parametrize("op", ["layer_norm", "residual", "group_norm"])
 def test_fast_apply_unwraps_a_tensor_left_by_a_functorch_transform(op):
     """A tensor kept from inside torch.func.grad is a dead functorch wrapper, with no storage for

@@ -32,15 +32,16 @@ def _channel_norms(dtype: torch.dtype) -> None:
     for layout in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(2, 8, 4, 4, dtype=dtype).contiguous(memory_format=layout)
         x.requires_grad_()
-        for norm in (fusednorm.GroupNorm(4, 8, dtype=dtype), fusednorm.BatchNorm2d(8, dtype=dtype)):
+        for norm in (fusednorm.GroupNorm(4, 8, dtype=dtype), fusednorm.BatchNorm2d(8, dtype=dtype),
+                     fusednorm.GroupNorm(4, 8, dtype=dtype, activation="silu")):
             norm(x).sum().backward()
 
 
 def warmup(dtypes=WARMUP_DTYPES, progress: Callable[[str], None] = lambda s: None) -> int:
     """Compile (or load) the CPU kernels common calls use, for these dtypes: the row norms with
     and without residual, parameters of the input's dtype and float32, forward and backward;
-    GroupNorm and BatchNorm in both layouts. Returns the number of kernels now loaded."""
-    from fusednorm.cpu import batch_norm, group_norm, layer_norm
+    GroupNorm (with and without its SiLU) and BatchNorm in both layouts. Returns the number of kernels now loaded."""
+    from fusednorm.cpu import _channels, batch_norm, group_norm, layer_norm
 
     with fusednorm.use_backend("cpu"):
         for name in dtypes:
@@ -50,8 +51,7 @@ def warmup(dtypes=WARMUP_DTYPES, progress: Callable[[str], None] = lambda s: Non
             _channel_norms(dtype)
             progress(f"{name}: {time.perf_counter() - t0:.1f} s")
     kernels = [layer_norm._FWD, layer_norm._BWD, group_norm._CF_FWD, group_norm._CF_BWD,
-               group_norm._CL_FWD, group_norm._CL_BWD, batch_norm._CF_FWD, batch_norm._CF_BWD,
-               batch_norm._CL_FWD, batch_norm._CL_BWD]
+               batch_norm._CF_FWD, batch_norm._CF_BWD, _channels._CL_FWD, _channels._CL_BWD]
     return sum(len(k._compiled) for k in kernels)
 
 

@@ -81,12 +81,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "gradients) against torch's op under vmap and a Python loop of "
                         "fusednorm calls; kernel launches per vmapped call")
     suites.add_argument("--startup", action="store_true",
-                        help="a new process's import and first forward and backward, with an "
-                        "empty kernel cache (cold) and with the cache it left (warm)")
+                        help="a new process's import and first forward and backward (LayerNorm, "
+                        "GroupNorm and BatchNorm2d, channels first and last), with an empty "
+                        "kernel cache (cold) and with the cache it left (warm)")
     suites.add_argument("--models", action="store_true",
-                        help="Hugging Face GPT-2 and Llama-style models (4 layers, width 768, "
-                        "random init), patched against unpatched: a training step and 1- and "
-                        "64-token inference, float32 and bfloat16 (--dtypes)")
+                        help="Hugging Face models, random init, patched against unpatched: "
+                        "GPT-2 and Llama-style (4 layers, width 768; a training step and 1- "
+                        "and 64-token inference) and diffusers' UNet2DModel and AutoencoderKL "
+                        "(a training step and inference on random images), float32 and "
+                        "bfloat16 (--dtypes)")
     p.add_argument("--rounds", type=int,
                    help="rounds for --calls (15), --vmap (15) and --models (15)")
     p.add_argument("--variants", default="eager",
@@ -95,6 +98,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    "unpatched model compiled), no-norm (the norms replaced by nn.Identity: the "
                    "ceiling of any norm's speed-up), copy (an unpatched copy: the noise floor); "
                    "default eager")
+    p.add_argument("--model-names", default="gpt2,llama,unet,vae",
+                   help="for --models, a comma list of gpt2, llama, unet, vae (default: all)")
     p.add_argument("--quick", action="store_true",
                    help="the headline shapes (4096x4096, 32768x768, 8192x1024): layer_norm, "
                    "fwd and fwdbwd, fusednorm and torch against a copy, plus the per-call "
@@ -109,10 +114,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shapes", help="comma list of MxN (rows x row length), replacing the sweep")
     p.add_argument("--providers", help="comma list of " + ", ".join(providers.PROVIDERS))
     args = p.parse_args(argv)
-    from fusednorm.bench.models import VARIANTS
+    from fusednorm.bench.models import MODELS, VARIANTS
 
     if bad := [v for v in args.variants.split(",") if v not in VARIANTS]:
         p.error(f"unknown variants: {', '.join(bad)} (known: {', '.join(VARIANTS)})")
+    if bad := [m for m in args.model_names.split(",") if m not in MODELS]:
+        p.error(f"unknown models: {', '.join(bad)} (known: {', '.join(MODELS)})")
     if args.calls and not args.dtypes:
         args.dtypes = "float32"  # the small-call table is about the launch, not the dtype
     preset = PRESETS["quick" if args.quick else "full"]
@@ -135,7 +142,7 @@ def shapes_for(args, dtype: torch.dtype) -> list[cases.Shape]:
              else cases.default_shapes(args.device, dtype, args.quick))
     first = {}  # a sweep shape may repeat a headline shape
     for s in found:
-        first.setdefault((s.M, s.N), s)
+        first.setdefault((s.M, s.N, s.dims), s)
     return list(first.values())
 
 
@@ -266,7 +273,8 @@ def _suite(args, argv: list[str]) -> int:
         from fusednorm.bench import models as suite
 
         try:
-            rows = suite.run(dtypes=[cases.DTYPES[d] for d in args.dtypes],
+            rows = suite.run(models=args.model_names.split(","),
+                             dtypes=[cases.DTYPES[d] for d in args.dtypes],
                              rounds=args.rounds or 15, variants=args.variants.split(","),
                              progress=lambda s: print(f"  {s} ...", file=sys.stderr, flush=True))
         except suite.Unavailable as e:

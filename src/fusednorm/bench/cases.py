@@ -2,8 +2,10 @@
 
 Every case is an op on M rows of N elements. The channel norms read the same (M, N) as
 (B, C, H, W) with G = 32 groups: M = B·G rows (one per group), N = (C/G)·H·W elements per
-group; group_norm normalizes each group, batch_norm (training) each channel over batch and
-space. The *_nhwc ops take the same input in channels_last memory (the output keeps it).
+group; group_norm normalizes each group (group_norm_silu then applies SiLU: fused in
+fusednorm, torch's F.silu after its group_norm), batch_norm (training) each channel over batch
+and space. The *_nhwc ops take the same input in channels_last memory (the output keeps it).
+A shape given as BxCxHxW is that input itself (the channel norms only).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from fusednorm.reference import (
     rms_norm_ref,
 )
 
-CHANNEL_OPS = ("group_norm", "group_norm_nhwc", "batch_norm", "batch_norm_nhwc")
+CHANNEL_OPS = ("group_norm", "group_norm_nhwc", "group_norm_silu", "group_norm_silu_nhwc",
+               "batch_norm", "batch_norm_nhwc")
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm") + CHANNEL_OPS
 ALIASES = {"add_norm": ("add_layer_norm", "add_rms_norm"), "channel_norms": CHANNEL_OPS}
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -46,9 +49,10 @@ class Shape:
     M: int
     N: int
     tag: str  # "sweep", "headline", "tiny" (per-call overhead), "small" (CUDA batches), "custom"
+    dims: tuple[int, ...] | None = None  # a channel norm's input as given (BxCxHxW)
 
     def __str__(self) -> str:
-        return f"{self.M}x{self.N}"
+        return "x".join(map(str, self.dims)) if self.dims else f"{self.M}x{self.N}"
 
 
 def default_shapes(device: str, dtype: torch.dtype, quick: bool) -> list[Shape]:
@@ -66,7 +70,12 @@ def default_shapes(device: str, dtype: torch.dtype, quick: bool) -> list[Shape]:
 def parse_shapes(text: str) -> list[Shape]:
     shapes = []
     for item in text.split(","):
-        m, n = (int(v) for v in item.lower().split("x"))
+        dims = tuple(int(v) for v in item.lower().split("x"))
+        if len(dims) > 2:  # a channel norm's input: M = B·G rows of its groups
+            shapes.append(Shape(dims[0] * GROUPS, math.prod(dims) // (dims[0] * GROUPS),
+                                "custom", dims))
+            continue
+        m, n = dims
         shapes.append(Shape(m, n, "tiny" if (m, n) == TINY_ROWS else "custom"))
     return shapes
 
@@ -77,6 +86,8 @@ def _round32(m: float) -> int:
 
 def input_shape(op: str, shape: Shape) -> tuple[int, ...] | None:
     """The input tensor's shape for this op, or None where the op cannot take this (M, N)."""
+    if shape.dims:
+        return shape.dims if op in CHANNEL_OPS and shape.dims[1] % GROUPS == 0 else None
     m, n = (TINY[op] if shape.tag == "tiny" and op in TINY else (shape.M, shape.N))
     if op not in CHANNEL_OPS:
         return (m, n)
@@ -128,7 +139,7 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 def reference(op: str, x, w, b, r) -> tuple[torch.Tensor, ...]:
     """float64 outputs of the op: (y,) or (y, h)."""
     if op.startswith("group_norm"):
-        return (group_norm_ref(x, GROUPS, w, b, EPS),)
+        return (group_norm_ref(x, GROUPS, w, b, EPS, "silu" if "silu" in op else None),)
     if op.startswith("batch_norm"):
         return (batch_norm_ref(x, None, None, w, b, training=True, eps=EPS)[0],)
     if "rms" in op:

@@ -50,11 +50,15 @@ def torch_eager(op: str, device: str) -> Fn:
     def gn(x, w, b, r):
         return (F.group_norm(x, GROUPS, w, b, EPS),)
 
+    def gn_silu(x, w, b, r):
+        return (F.silu(F.group_norm(x, GROUPS, w, b, EPS)),)
+
     def bn(x, w, b, r):
         return (F.batch_norm(x, None, None, w, b, True, 0.1, EPS),)
 
     table = {"layer_norm": ln, "rms_norm": rms, "add_layer_norm": _add_norm(ln),
              "add_rms_norm": _add_norm(rms), "group_norm": gn, "group_norm_nhwc": gn,
+             "group_norm_silu": gn_silu, "group_norm_silu_nhwc": gn_silu,
              "batch_norm": bn, "batch_norm_nhwc": bn}
     return table[op]
 
@@ -70,11 +74,14 @@ def fusednorm_auto(op: str, device: str) -> Fn:
     import fusednorm
 
     name = op.removeprefix("add_").removesuffix("_nhwc")
-    fn = getattr(fusednorm, name, None)
+    silu = name == "group_norm_silu"
+    fn = getattr(fusednorm, name.removesuffix("_silu"), None)
     if fn is None:
         raise Unavailable(f"fusednorm.{name} does not exist yet")
     if name == "group_norm":
         return lambda x, w, b, r: (fn(x, GROUPS, w, b, EPS),)
+    if silu:
+        return lambda x, w, b, r: (fn(x, GROUPS, w, b, EPS, activation="silu"),)
     if name == "batch_norm":
         return lambda x, w, b, r: (fn(x, None, None, w, b, True, 0.1, EPS),)
     if name == "rms_norm":

@@ -1,12 +1,13 @@
 """`python -m fusednorm bench --startup`: what a new process waits for before its first norm.
 
 Each measurement is a fresh Python process (the only way to see a first call): it imports torch,
-then fusednorm, runs torch's LayerNorm forward and backward once (torch's own first-call costs:
-its first backward imports sympy, ~0.4 s here, which any model pays once whatever its norms),
-then a fusednorm LayerNorm module's first forward and first backward on an 8×768 input: what
-fusednorm adds. "cold" gives it an empty kernel cache (a fresh environment: the kernels are
-compiled), "warm" the cache the cold run left (every later process). Repeated, the medians
-reported, torch's first call beside them.
+then fusednorm, runs torch's own module forward and backward once (torch's first-call costs: its
+first backward imports sympy, ~0.4 s here, which any model pays once whatever its norms), then
+the fusednorm module's first forward and first backward on the same input: what fusednorm adds.
+The norms: LayerNorm on 8×768, GroupNorm(8, 32) and BatchNorm2d(32) on 2×32×8×8, each also in
+channels_last (InstanceNorm runs GroupNorm's kernels). "cold" gives the process an empty kernel
+cache (a fresh environment: the kernels are compiled), "warm" the cache the cold one left (every
+later process). Repeated, the medians reported, torch's first call beside them.
 """
 
 from __future__ import annotations
@@ -25,15 +26,22 @@ import torch
 t1 = time.perf_counter()
 import fusednorm
 t2 = time.perf_counter()
-dtype = getattr(torch, sys.argv[1])
-x = torch.randn(8, 768, dtype=dtype, requires_grad=True)
-theirs = torch.nn.LayerNorm(768, dtype=dtype)
+norm, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+kind, _, layout = norm.partition("-")
+shape, args = ((8, 768), (768,)) if kind == "LayerNorm" else ((2, 32, 8, 8), (32,))
+if kind == "GroupNorm":
+    args = (8, 32)
+x = torch.randn(*shape, dtype=dtype)
+if layout == "cl":
+    x = x.contiguous(memory_format=torch.channels_last)
+x.requires_grad_()
+theirs = getattr(torch.nn, kind)(*args, dtype=dtype)
 t_torch = time.perf_counter()
 theirs(x).backward(torch.ones_like(x))
 t_torch = time.perf_counter() - t_torch
-norm = fusednorm.LayerNorm(768, dtype=dtype)
+ours = getattr(fusednorm, kind)(*args, dtype=dtype)
 t3 = time.perf_counter()
-y = norm(x)
+y = ours(x)
 t4 = time.perf_counter()
 y.backward(torch.ones_like(y))
 t5 = time.perf_counter()
@@ -42,43 +50,52 @@ print(json.dumps({"import_torch": t1 - t0, "import_fusednorm": t2 - t1, "forward
                   "numba_imported": "numba" in sys.modules}))
 """
 
-GOALS = {"cold": 1.5, "warm": 0.15}  # seconds, first forward and first backward each
+NORMS = ("LayerNorm", "GroupNorm", "GroupNorm-cl", "BatchNorm2d", "BatchNorm2d-cl")
+GOALS = {"cold": 1.0, "warm": 0.15}  # seconds, first forward and first backward each
 
 
-def _child(dtype: str, cache: str) -> dict:
+def _child(norm: str, dtype: str, cache: str) -> dict:
     env = dict(os.environ, FUSEDNORM_CACHE_DIR=cache)
-    out = subprocess.run([sys.executable, "-c", _CHILD, dtype], env=env, check=True,
+    out = subprocess.run([sys.executable, "-c", _CHILD, norm, dtype], env=env, check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run(dtypes=("float32", "bfloat16"), repeats: int = 3) -> list[dict]:
+def run(dtypes=("float32", "bfloat16"), repeats: int = 3, norms=NORMS) -> list[dict]:
     rows = []
-    for dtype in dtypes:
-        runs = {"cold": [], "warm": []}
-        for _ in range(repeats):
-            with tempfile.TemporaryDirectory(prefix="fusednorm-cache-") as cache:
-                runs["cold"].append(_child(dtype, cache))
-                runs["warm"].append(_child(dtype, cache))
-        for state, results in runs.items():
-            row = {"dtype": dtype, "cache": state, "repeats": repeats,
-                   "numba_imported": any(r["numba_imported"] for r in results)}
-            for key in ("import_fusednorm", "forward", "backward", "import_torch",
-                        "torch_first_call"):
-                row[key] = statistics.median(r[key] for r in results)
-            rows.append(row)
+    for norm in norms:
+        for dtype in dtypes:
+            rows += _measure(norm, dtype, repeats)
+    return rows
+
+
+def _measure(norm: str, dtype: str, repeats: int) -> list[dict]:
+    runs = {"cold": [], "warm": []}
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="fusednorm-cache-") as cache:
+            runs["cold"].append(_child(norm, dtype, cache))
+            runs["warm"].append(_child(norm, dtype, cache))
+    rows = []
+    for state, results in runs.items():
+        row = {"norm": norm, "dtype": dtype, "cache": state, "repeats": repeats,
+               "numba_imported": any(r["numba_imported"] for r in results)}
+        for key in ("import_fusednorm", "forward", "backward", "import_torch",
+                    "torch_first_call"):
+            row[key] = statistics.median(r[key] for r in results)
+        rows.append(row)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'dtype':<9} {'cache':<5} {'import fusednorm':>16} {'1st forward':>12} "
+    head = (f"{'norm':<14} {'dtype':<9} {'cache':<5} {'import fusednorm':>16} {'1st forward':>12} "
             f"{'1st backward':>13}  goal each   numba imported  (torch's 1st fwd+bwd)")
     lines = [head, "-" * len(head)]
     for r in rows:
         goal = GOALS[r["cache"]]
         ok = "ok" if max(r["forward"], r["backward"]) <= goal else "MISSED"
-        lines.append(f"{r['dtype']:<9} {r['cache']:<5} {r['import_fusednorm']:>15.3f}s "
-                     f"{r['forward']:>11.3f}s {r['backward']:>12.3f}s  <= {goal:<5}s {ok:<6} "
+        lines.append(f"{r['norm']:<14} {r['dtype']:<9} {r['cache']:<5} "
+                     f"{r['import_fusednorm']:>15.3f}s {r['forward']:>11.3f}s "
+                     f"{r['backward']:>12.3f}s  <= {goal:<5}s {ok:<6} "
                      f"{'yes' if r['numba_imported'] else 'no':<14}  "
                      f"({r['torch_first_call']:.3f}s)")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """What the channel norms' launchers share (GroupNorm/InstanceNorm in `group_norm.py`,
-BatchNorm in `batch_norm.py`): the blocking constants their kernels read, the kernels'
-constants tensor, and the inputs brought to a kernel layout.
+BatchNorm in `batch_norm.py`): the blocking constants, scratch, and the channels-last plan,
+whose kernels (`kernels/channels_last.py`) serve all three.
 
 The kernel contract of both families, CPU and Triton alike:
 
@@ -19,37 +19,19 @@ from __future__ import annotations
 import torch
 
 from fusednorm._layout import conform, empty_layout  # noqa: F401 (the launchers' helpers)
-from fusednorm.cpu._launch import scratch
+from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, scratch, thread_cap
+from fusednorm.cpu._launch import threads as threads_for
 
 BLOCK = 2048  # elements per statistics block (channels first): its two passes stay in L1
-# A group (BatchNorm: a channel) up to this many elements keeps its converted x (and g) in
-# scratch between the two sweeps: 256 KiB per array in float32, so both stay in L2.
-KEEP = 1 << 16
-CL_BLOCK = 4096  # elements per channels-last block (rows × C): a shape-only split, in L1
-
-_CONSTS: dict[tuple[torch.dtype, float], torch.Tensor] = {}
-
-
-def consts(ct: torch.dtype, eps: float) -> torch.Tensor:
-    """The kernels' constants in the compute type: eps, 1, 0 (cached: kernels only read them,
-    and a plan holds the tensor it passes)."""
-    cp = _CONSTS.get((ct, eps))
-    if cp is None:
-        if len(_CONSTS) > 64:
-            _CONSTS.clear()
-        cp = _CONSTS[ct, eps] = torch.tensor([eps, 1.0, 0.0], dtype=ct)
-    return cp
-
-
-def kept(size: int) -> int:
-    """Scratch elements per thread and array of the blocked paths: the whole group (channel)
-    when it is kept between the sweeps, else a block."""
-    return size if size <= KEEP else BLOCK
+# Channels last: elements per span (rows × C), a task and a piece of the statistics, read twice
+# from L2; and at most so many rows, each channel's sums running down them in order (their
+# rounding grows with the count, as torch's do).
+CL_SPAN, CL_MAX_ROWS = 32768, 1024
 
 
 def cl_rows(c: int) -> int:
-    """Rows (spatial positions) per channels-last block: from C alone."""
-    return max(1, CL_BLOCK // max(c, 1))
+    """Rows (spatial positions) per channels-last span: from C alone."""
+    return min(CL_MAX_ROWS, max(1, CL_SPAN // max(c, 1)))
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -76,3 +58,83 @@ class Scratch:
         buf = scratch(total)
         addr = buf.data_ptr()
         return buf, addr, addr + self.shared
+
+
+# --- channels last: GroupNorm, InstanceNorm and BatchNorm -------------------------------------
+
+_FIXED = ("n", "c", "s", "groups", "rows", "local_bytes", "training", "by_sample")
+CL_FWD = Layout(("x", "weight", "bias", "y", "mean", "var", "scratch", "local"), _FIXED,
+                ("eps",))
+CL_BWD = Layout(("dy", "x", "weight", "bias", "mean", "var", "dx", "dweight", "dbias",
+                 "scratch", "local"), _FIXED, ("eps",))
+
+
+def _kernels():
+    from fusednorm.cpu.kernels import channels_last
+
+    return channels_last
+
+
+_CL_FWD = Kernel("channels_last_fwd", CL_FWD, lambda *key: _kernels().build_fwd(*key))
+_CL_BWD = Kernel("channels_last_bwd", CL_BWD, lambda *key: _kernels().build_bwd(*key))
+
+
+class ChannelsLastPlan:
+    """A channel norm over N samples of S rows of C channels (channels innermost), normalized
+    per (sample, group of C/G channels): GroupNorm (InstanceNorm: G = C), and BatchNorm as one
+    sample of all rows with G = C. `forward` and `backward` take addresses (the caller holds
+    the tensors) and return nothing: the statistics are (N, G) arrays the caller passes."""
+
+    def __init__(self, n_: int, c_: int, s_: int, groups: int, eps: float, silu: bool,
+                 x_dtype: torch.dtype) -> None:
+        ct = compute_dtype(x_dtype)
+        self.shape, self.groups, self.eps, self.silu = (n_, c_, s_), groups, eps, silu
+        self.size = itemsize(ct)
+        self.rows = cl_rows(c_)
+        self.spans = (s_ + self.rows - 1) // self.rows
+        # threads worth waking: 1 below the grain (only the speed depends on it)
+        self.cap = thread_cap(n_ * c_ * s_, n_ * self.spans)
+        # (SiLU is compiled in: a model runs one or the other, and each kernel is smaller)
+        self.key = (STORAGE[ct], STORAGE[x_dtype], "silu" if silu else "")
+        self._fwd = _CL_FWD[self.key]
+        self._bwd = None  # compiled (or loaded) at the first backward
+        self._tails: dict[tuple[bool, int, bool], tuple[Scratch, bytes]] = {}
+
+    def _tail(self, backward: bool, threads: int, training: bool) -> tuple[Scratch, bytes]:
+        """The scratch and the packed fixed arguments of a call (worked out once per thread
+        count: small calls are dominated by such work)."""
+        tail = self._tails.get((backward, threads, training))
+        if tail is None:
+            n_, c_, s_ = self.shape
+            by_sample = n_ >= 2 * threads  # a task per sample when every thread has some
+            per = n_ * self.spans
+            if backward:
+                need = Scratch((2 * per * c_ + 4 * n_ * c_) * self.size, 2 * c_ * self.size)
+            else:
+                need = Scratch(16 * per * c_ + 2 * n_ * c_ * self.size, 3 * c_ * self.size)
+            layout = CL_BWD if backward else CL_FWD
+            tail = self._tails[backward, threads, training] = need, layout.fixed(
+                n=n_, c=c_, s=s_, groups=self.groups, rows=self.rows,
+                local_bytes=need.local, training=training,
+                by_sample=by_sample, eps=self.eps)
+        return tail
+
+    def forward(self, x: int, weight: int, bias: int, y: int, mean: int, var: int,
+                training: bool = True) -> None:
+        """y from x; mean and var (N·G) written when training, else read."""
+        threads = threads_for(self.cap)
+        need, tail = self._tail(False, threads, training)
+        _held, shared, local = need.take(threads)  # (held until the kernel returns)
+        self._fwd(CL_FWD.pack_call(x, weight, bias, y, mean, var, shared, local) + tail,
+                  threads)
+
+    def backward(self, dy: int, x: int, weight: int, bias: int, mean: int, var: int, dx: int,
+                 dweight: int, dbias: int, training: bool = True) -> None:
+        """dx, dweight and dbias; `training`: mean and var were x's (else given)."""
+        if self._bwd is None:
+            self._bwd = _CL_BWD[self.key]
+        threads = threads_for(self.cap)
+        need, tail = self._tail(True, threads, training)
+        _held, shared, local = need.take(threads)
+        self._bwd(CL_BWD.pack_call(dy, x, weight, bias, mean, var, dx, dweight, dbias, shared,
+                                   local) + tail, threads)

@@ -19,26 +19,20 @@ from __future__ import annotations
 import torch
 
 from fusednorm.cpu._channels import (
+    ChannelsLastPlan,
     Scratch,
-    cl_rows,
     conform,
-    consts,
     empty_layout,
     itemsize,
-    kept,
 )
 from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, thread_cap, threads
 
 CHUNKS = 16  # channels first: chunks of samples whose statistics are merged in order
-SPAN = 16  # channels last: blocks per statistics piece (all N·S rows' pieces merged in order)
 
-_CALL = ("x", "weight", "bias", "y", "mean", "var", "consts", "scratch", "local")
-_CALL_BWD = ("dy", "x", "weight", "mean", "var", "dx", "dweight", "dbias", "consts", "scratch",
-             "local")
-CF_FWD = Layout(_CALL, ("n", "c", "s", "local_bytes", "training"))
-CF_BWD = Layout(_CALL_BWD, ("n", "c", "s", "local_bytes", "training"))
-CL_FWD = Layout(_CALL, ("m", "c", "rows", "local_bytes", "training"))
-CL_BWD = Layout(_CALL_BWD, ("m", "c", "rows", "local_bytes", "training"))
+_FIXED = ("n", "c", "s", "training")
+CF_FWD = Layout(("x", "weight", "bias", "y", "mean", "var", "scratch"), _FIXED, ("eps",))
+CF_BWD = Layout(("dy", "x", "weight", "mean", "var", "dx", "dweight", "dbias", "scratch"),
+                _FIXED, ("eps",))
 
 
 def _kernels():
@@ -47,10 +41,8 @@ def _kernels():
     return batch_norm
 
 
-_CF_FWD = Kernel("batch_norm_cf_fwd", CF_FWD, lambda *key: _kernels().build_cf_fwd(*key))
-_CF_BWD = Kernel("batch_norm_cf_bwd", CF_BWD, lambda *key: _kernels().build_cf_bwd(*key))
-_CL_FWD = Kernel("batch_norm_cl_fwd", CL_FWD, lambda *key: _kernels().build_cl_fwd(*key))
-_CL_BWD = Kernel("batch_norm_cl_bwd", CL_BWD, lambda *key: _kernels().build_cl_bwd(*key))
+_CF_FWD = Kernel("batch_norm_cf_fwd", CF_FWD, lambda *key: _kernels().build_fwd(*key))
+_CF_BWD = Kernel("batch_norm_cf_bwd", CF_BWD, lambda *key: _kernels().build_bwd(*key))
 
 
 def _chunks(n_: int) -> int:
@@ -58,54 +50,25 @@ def _chunks(n_: int) -> int:
     return (n_ + per - 1) // per
 
 
-def _scratch(n_: int, c_: int, s_: int, rows: int, half: bool, channels_last: bool,
-             backward: bool, size: int) -> Scratch:
-    """What the kernels carve (`kernels/batch_norm.py`, each entry's comments)."""
-    if channels_last:
-        nsp = ((n_ * s_ + rows - 1) // rows + SPAN - 1) // SPAN
-        if backward:
-            return Scratch((5 * c_ + 2 * nsp * c_) * size, 0)
-        return Scratch(2 * nsp * c_ * 8 + 2 * c_ * size, 2 * c_ * 8 + 3 * c_ * size)
-    if half:
-        return Scratch(0, (2 if backward else 1) * kept(n_ * s_) * size)
-    if backward:
-        return Scratch((4 * c_ + 2 * _chunks(n_) * c_) * size, 0)
-    return Scratch(2 * _chunks(n_) * c_ * 8 + 2 * c_ * size, 0)
-
-
 class BatchNormPlan:
-    """BatchNorm over (N, C, S) inputs in one layout and dtype."""
+    """BatchNorm over (N, C, S) inputs in one layout and dtype. Channels last, it is the
+    channel norm of one sample of N·S rows with a group per channel (`ChannelsLastPlan`)."""
 
     def __init__(self, n_: int, c_: int, s_: int, eps: float, channels_last: bool,
-                 x_dtype: torch.dtype, dy_dtype: torch.dtype | None = None) -> None:
+                 x_dtype: torch.dtype) -> None:
         ct = compute_dtype(x_dtype)
-        self.shape, self.cl, self.x_dtype, self.ct = (n_, c_, s_), channels_last, x_dtype, ct
-        self.cp = consts(ct, eps)
-        self.size = itemsize(ct)
-        self.rows = cl_rows(c_)
-        self.half = x_dtype == torch.float16
-        self.cap = thread_cap(n_ * c_ * s_, max(n_ * c_, n_ * s_))
-        key = (STORAGE[ct], STORAGE[x_dtype])
+        self.shape, self.cl, self.ct = (n_, c_, s_), channels_last, ct
         if channels_last:
-            self._fwd, self._bwd = _CL_FWD[key], _CL_BWD[key]
-        else:
-            self._fwd, self._bwd = _CF_FWD[key], _CF_BWD[key + (STORAGE[x_dtype],)]
-
-    def _threads(self) -> int:
-        return threads(self.cap)
-
-    def _call(self, kernel, layout: Layout, pointers: list, training: bool,
-              backward: bool) -> None:
-        n_, c_, s_ = self.shape
-        threads = self._threads()
-        need = _scratch(n_, c_, s_, self.rows, self.half, self.cl, backward, self.size)
-        _held, shared, local = need.take(threads)  # (held until the kernel returns)
-        if self.cl:
-            fixed = layout.fixed(m=n_ * s_, c=c_, rows=self.rows, local_bytes=need.local,
-                                 training=training)
-        else:
-            fixed = layout.fixed(n=n_, c=c_, s=s_, local_bytes=need.local, training=training)
-        kernel(layout.pack_call(*pointers, self.cp.data_ptr(), shared, local) + fixed, threads)
+            self._cl = ChannelsLastPlan(1, c_, n_ * s_, c_, eps, False, x_dtype)
+            return
+        self.key = (STORAGE[ct], STORAGE[x_dtype])
+        self._fwd = _CF_FWD[self.key]
+        self._bwd = None  # compiled (or loaded) at the first backward
+        self.eps = eps
+        self.cap = thread_cap(n_ * c_ * s_, max(n_ * c_, _chunks(n_)))
+        size = itemsize(ct)
+        self.scratch = (Scratch(2 * _chunks(n_) * c_ * 8 + 2 * c_ * size, 0),
+                        Scratch((4 * c_ + 2 * _chunks(n_) * c_) * size, 0))
 
     def forward(self, x, weight, bias, mean=None, var=None):
         """(y, mean, var): the batch statistics when mean and var are None, else these."""
@@ -117,9 +80,14 @@ class BatchNormPlan:
         # (held in names for the call: a temporary's memory would be freed before the kernel
         # reads it)
         mean_c, var_c = mean.contiguous(), var.contiguous()
-        self._call(self._fwd, CL_FWD if self.cl else CF_FWD,
-                   [x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
-                    mean_c.data_ptr(), var_c.data_ptr()], training, False)
+        ptrs = (x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
+                mean_c.data_ptr(), var_c.data_ptr())
+        if self.cl:
+            self._cl.forward(*ptrs, training=training)
+        else:
+            n = threads(self.cap)
+            _held, shared, _ = self.scratch[0].take(n)
+            self._fwd(CF_FWD.pack_call(*ptrs, shared) + self._tail(training), n)
         return y, mean, var
 
     def backward(self, dy, x, weight, mean, var, training: bool):
@@ -127,11 +95,24 @@ class BatchNormPlan:
         dx = empty_layout(x, self.cl)
         dw, db = torch.empty(c_, dtype=self.ct), torch.empty(c_, dtype=self.ct)
         mean_c, var_c = mean.contiguous(), var.contiguous()
-        self._call(self._bwd, CL_BWD if self.cl else CF_BWD,
-                   [dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean_c.data_ptr(),
-                    var_c.data_ptr(), dx.data_ptr(), dw.data_ptr(), db.data_ptr()], training,
-                   True)
+        if self.cl:
+            self._cl.backward(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), 0,  # (no SiLU)
+                              mean_c.data_ptr(), var_c.data_ptr(), dx.data_ptr(),
+                              dw.data_ptr(), db.data_ptr(), training=training)
+            return dx, dw, db
+        if self._bwd is None:
+            self._bwd = _CF_BWD[self.key]
+        n = threads(self.cap)
+        _held, shared, _ = self.scratch[1].take(n)
+        self._bwd(CF_BWD.pack_call(dy.data_ptr(), x.data_ptr(), weight.data_ptr(),
+                                   mean_c.data_ptr(), var_c.data_ptr(), dx.data_ptr(),
+                                   dw.data_ptr(), db.data_ptr(), shared)
+                  + self._tail(training), n)
         return dx, dw, db
+
+    def _tail(self, training: bool) -> bytes:
+        n_, c_, s_ = self.shape
+        return CF_FWD.fixed(n=n_, c=c_, s=s_, training=training, eps=self.eps)
 
 
 # --- the contract ---------------------------------------------------------------------------------

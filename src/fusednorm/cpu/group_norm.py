@@ -1,5 +1,6 @@
 """GroupNorm and InstanceNorm on the CPU: launch plans for the numba kernels of
-`kernels/group_norm.py` (InstanceNorm is GroupNorm with G = C).
+`kernels/group_norm.py` (channels first) and `kernels/channels_last.py` (InstanceNorm is
+GroupNorm with G = C).
 
 Kernel contract (the same in `triton/group_norm.py`; the layouts and dtypes are written at the
 top of `_channels.py`):
@@ -16,25 +17,18 @@ from __future__ import annotations
 import torch
 
 from fusednorm.cpu._channels import (
-    BLOCK,
+    ChannelsLastPlan,
     Scratch,
-    cl_rows,
     conform,
-    consts,
     empty_layout,
     itemsize,
-    kept,
 )
 from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, thread_cap, threads
 
-_SHAPE = ("n", "c", "s", "groups", "local_bytes")
-_CALL = ("x", "weight", "bias", "y", "mean", "var", "consts", "scratch", "local")
-_CALL_BWD = ("dy", "x", "weight", "bias", "mean", "var", "dx", "dweight", "dbias", "consts",
-             "scratch", "local")
-CF_FWD = Layout(_CALL, _SHAPE + ("silu",))
-CF_BWD = Layout(_CALL_BWD, _SHAPE + ("silu",))
-CL_FWD = Layout(_CALL, _SHAPE + ("rows", "silu", "by_sample"))
-CL_BWD = Layout(_CALL_BWD, _SHAPE + ("rows", "silu", "by_sample"))
+_FIXED = ("n", "c", "s", "groups")
+CF_FWD = Layout(("x", "weight", "bias", "y", "mean", "var"), _FIXED, ("eps",))
+CF_BWD = Layout(("dy", "x", "weight", "bias", "mean", "var", "dx", "dweight", "dbias",
+                 "scratch", "local"), _FIXED, ("eps",))
 
 
 def _kernels():
@@ -43,33 +37,8 @@ def _kernels():
     return group_norm
 
 
-_CF_FWD = Kernel("group_norm_cf_fwd", CF_FWD, lambda *key: _kernels().build_cf_fwd(*key))
-_CF_BWD = Kernel("group_norm_cf_bwd", CF_BWD, lambda *key: _kernels().build_cf_bwd(*key))
-_CL_FWD = Kernel("group_norm_cl_fwd", CL_FWD, lambda *key: _kernels().build_cl_fwd(*key))
-_CL_BWD = Kernel("group_norm_cl_bwd", CL_BWD, lambda *key: _kernels().build_cl_bwd(*key))
-
-
-def _cf_scratch(n_: int, c_: int, s_: int, groups: int, half: bool, backward: bool,
-                size: int) -> Scratch:
-    """What the channels-first kernels carve (`build_cf_fwd`, `build_cf_bwd`)."""
-    k = kept(c_ // groups * s_)
-    if not backward:
-        return Scratch(0, k * size if half else 0)
-    return Scratch(2 * n_ * c_ * size, (2 * k + BLOCK) * size)
-
-
-def _cl_scratch(n_: int, c_: int, s_: int, groups: int, rows: int, by_sample: bool,
-                backward: bool, size: int) -> Scratch:
-    """What the channels-last kernels carve (`build_cl_fwd`, `build_cl_bwd`)."""
-    ntask = n_ * ((s_ + rows - 1) // rows)
-    if not backward:
-        if by_sample:
-            return Scratch(0, 4 * groups * 8 + 5 * c_ * size)
-        return Scratch(2 * ntask * groups * 8 + 2 * n_ * c_ * size,
-                       2 * groups * 8 + 3 * c_ * size)
-    if by_sample:
-        return Scratch(2 * n_ * c_ * size, 7 * c_ * size)
-    return Scratch((7 * n_ * c_ + 2 * ntask * c_) * size, 0)
+_CF_FWD = Kernel("group_norm_cf_fwd", CF_FWD, lambda *key: _kernels().build_fwd(*key))
+_CF_BWD = Kernel("group_norm_cf_bwd", CF_BWD, lambda *key: _kernels().build_bwd(*key))
 
 
 class GroupNormPlan:
@@ -79,51 +48,20 @@ class GroupNormPlan:
     def __init__(self, n_: int, c_: int, s_: int, groups: int, eps: float, silu: bool,
                  channels_last: bool, x_dtype: torch.dtype) -> None:
         ct = compute_dtype(x_dtype)
-        self.shape, self.groups, self.cl, self.x_dtype, self.ct = (
-            (n_, c_, s_), groups, channels_last, x_dtype, ct)
-        self.cp = consts(ct, eps)
+        self.shape, self.groups, self.cl, self.ct = (n_, c_, s_), groups, channels_last, ct
         self.size = itemsize(ct)
-        self.rows = cl_rows(c_)
-        self.silu = silu
-        work = n_ * c_ * s_
-        # threads worth waking: 1 below the grain (only the speed depends on it)
-        self.cap = thread_cap(work, n_ * ((s_ + self.rows - 1) // self.rows) if channels_last
-                              else n_ * groups)
-        key = (STORAGE[ct], STORAGE[x_dtype])
         if channels_last:
-            self._fwd, self._bwd = _CL_FWD[key], _CL_BWD[key]
-        else:
-            self._fwd, self._bwd = _CF_FWD[key], _CF_BWD[key + (STORAGE[x_dtype],)]
-        self._calls: dict[tuple[bool, int], tuple[Scratch, bytes]] = {}
-
-    def _threads(self) -> int:
-        return threads(self.cap)
-
-    def _call(self, backward: bool, threads: int) -> tuple[Scratch, bytes]:
-        """The scratch and the packed fixed arguments of a call on `threads` threads (worked
-        out once per thread count: small calls are dominated by such work)."""
-        call = self._calls.get((backward, threads))
-        if call is None:
-            need, fixed = self._scratch(backward, threads)
-            layout = (CL_BWD if self.cl else CF_BWD) if backward else (
-                CL_FWD if self.cl else CF_FWD)
-            call = self._calls[backward, threads] = need, layout.fixed(**fixed)
-        return call
-
-    def _scratch(self, backward: bool, threads: int) -> tuple[Scratch, dict]:
-        """The scratch and the fixed arguments of a call on `threads` threads."""
-        n_, c_, s_ = self.shape
-        by_sample = n_ >= 2 * threads  # channels last: a task per sample when all have some
-        if self.cl:
-            need = _cl_scratch(n_, c_, s_, self.groups, self.rows, by_sample, backward,
-                               self.size)
-            extra = {"rows": self.rows, "by_sample": by_sample}
-        else:
-            need = _cf_scratch(n_, c_, s_, self.groups, self.x_dtype == torch.float16,
-                               backward, self.size)
-            extra = {}
-        return need, dict(n=n_, c=c_, s=s_, groups=self.groups, silu=self.silu,
-                          local_bytes=need.local, **extra)
+            self._cl = ChannelsLastPlan(n_, c_, s_, groups, eps, silu, x_dtype)
+            return
+        # (SiLU is compiled in: a model runs one or the other, and each kernel is smaller)
+        self.key = (STORAGE[ct], STORAGE[x_dtype], "silu" if silu else "")
+        self._fwd = _CF_FWD[self.key]
+        self._bwd = None  # compiled (or loaded) at the first backward
+        # threads worth waking: 1 below the grain (only the speed depends on it)
+        self.cap = thread_cap(n_ * c_ * s_, n_ * groups)
+        self.tail = CF_FWD.fixed(n=n_, c=c_, s=s_, groups=groups, eps=eps)
+        # the backward's: Σg, Σg·x̂ per (n, c); with SiLU per thread a group's g
+        self.scratch = Scratch(2 * n_ * c_ * self.size, c_ // groups * s_ * self.size if silu else 0)
 
     def forward(self, x, weight, bias):
         """(y, stats) of x in the plan's layout (any shape whose memory is (N, C, S) in it);
@@ -131,14 +69,14 @@ class GroupNormPlan:
         y = torch.empty_like(x)
         stats = torch.empty((2, self.shape[0], self.groups), dtype=self.ct)
         mean = stats.data_ptr()
-        threads = self._threads()
-        need, tail = self._call(False, threads)
-        _held, shared, local = need.take(threads)  # (held until the kernel returns)
-        layout = CL_FWD if self.cl else CF_FWD
-        self._fwd(layout.pack_call(
-            x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean,
-            mean + self.shape[0] * self.groups * self.size, self.cp.data_ptr(), shared, local)
-            + tail, threads)
+        var = mean + self.shape[0] * self.groups * self.size
+        if self.cl:
+            self._cl.forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
+                             mean, var)
+        else:
+            self._fwd(CF_FWD.pack_call(x.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+                                       y.data_ptr(), mean, var) + self.tail,
+                      threads(self.cap))
         return y, stats
 
     def backward(self, dy, x, weight, bias, stats):
@@ -148,14 +86,18 @@ class GroupNormPlan:
         dx = torch.empty_like(x)
         dw, db = torch.empty(c_, dtype=self.ct), torch.empty(c_, dtype=self.ct)
         mean = stats.data_ptr()
-        threads = self._threads()
-        need, tail = self._call(True, threads)
-        _held, shared, local = need.take(threads)  # (held until the kernel returns)
-        layout = CL_BWD if self.cl else CF_BWD
-        self._bwd(layout.pack_call(
-            dy.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean,
-            mean + self.shape[0] * self.groups * self.size, dx.data_ptr(), dw.data_ptr(),
-            db.data_ptr(), self.cp.data_ptr(), shared, local) + tail, threads)
+        var = mean + self.shape[0] * self.groups * self.size
+        if self.cl:
+            self._cl.backward(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+                              mean, var, dx.data_ptr(), dw.data_ptr(), db.data_ptr())
+            return dx, dw, db
+        if self._bwd is None:
+            self._bwd = _CF_BWD[self.key]
+        n = threads(self.cap)
+        _held, shared, local = self.scratch.take(n)  # (held until the kernel returns)
+        self._bwd(CF_BWD.pack_call(dy.data_ptr(), x.data_ptr(), weight.data_ptr(),
+                                   bias.data_ptr(), mean, var, dx.data_ptr(), dw.data_ptr(),
+                                   db.data_ptr(), shared, local) + self.tail, n)
         return dx, dw, db
 
 

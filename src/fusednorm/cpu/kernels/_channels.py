@@ -1,263 +1,137 @@
-"""What the channel norms' kernels share (GroupNorm, InstanceNorm, BatchNorm): moments and their
-merging, SiLU, and the stores of y and dx, for channels-first runs of elements.
+"""What the channel norms' kernels share (GroupNorm, InstanceNorm, BatchNorm): block moments and
+their merging in float64, and SiLU.
 
-The kernels view the input as (N, C, S), S the product of the spatial sizes, and compute in
-float32 (float64 for float64 input); `cp` is a small array of constants in the compute type:
-eps, 1, 0. Channels-last blocks have their own functions (`_cl_blocks.py`).
+They are intrinsics, LLVM IR emitted where they are called, like the loads and stores of
+`_dtypes.py`: a numba function costs a first call ~20 ms to compile (or to inline), however
+small, and the kernels call these in several places.
 
-numba's defaults are changed where they cost: inner loops run over slices indexed from 0 (an
-index `o + j` is checked for wrap-around, which halves the speed), and exp in float32 is a
-polynomial (numba calls libm's expf per element without Intel SVML).
+Statistics are taken per block of elements by a corrected two-pass in the compute type (a
+provisional mean, then the sums of the deviations from it) and merged block by block in
+float64 with Chan's formula: a float32 running mean would gain a rounding error per merge,
+which a mean far from zero (1e4 with unit spread) turns into visible gradient errors.
 """
 
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic, overload
+from numba import types
+from numba.extending import intrinsic
 
-from fusednorm.cpu._channels import BLOCK, KEEP
-from fusednorm.cpu.kernels._dtypes import OPTS, as_float, is_bf16, load, row_view, store
-
-# Reassociation (and FMA contraction) for the reductions only, so LLVM vectorizes them. Never
-# nnan/ninf: NaN and inf must propagate as in torch.
-REDUCE = {"reassoc", "contract", "arcp"}
+_F64 = ir.DoubleType()
+_NAN = float("nan")
 
 
-# --- scalar helpers ------------------------------------------------------------------------------
+def _finite(builder, v):
+    """v is neither inf nor NaN: v - v is 0 exactly then (NaN otherwise)."""
+    return builder.fcmp_ordered("==", builder.fsub(v, v), v.type(0.0))
 
 
 @intrinsic
-def _f32_from_bits(typingctx, bits):
-    """The float32 whose bit pattern is the int32 `bits` (a plain bitcast, so it vectorizes)."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
+def moments(typingctx, mean, sd, ss, k):
+    """(mean, M2) in float64 of a block of k elements, from its provisional mean and the sums of
+    the deviations from it, Σd and Σd² (compute type): the deviations' own sum corrects the
+    provisional mean's rounding (Chan, Golub & LeVeque). A block holding an inf or NaN: its
+    mean is the sum's, as torch's, and M2 NaN."""
+    def codegen(context, builder, sig, args):
+        m, d1, d2 = (context.cast(builder, v, t, types.float64)
+                     for v, t in zip(args[:3], sig.args[:3]))
+        n = builder.sitofp(context.cast(builder, args[3], sig.args[3], types.int64), _F64)
+        inv = builder.fdiv(_F64(1.0), n)  # (hoisted out of a loop over groups by LLVM)
+        fin = _finite(builder, m)
+        mu = builder.select(fin, builder.fadd(m, builder.fmul(d1, inv)), m)
+        m2 = builder.fsub(d2, builder.fmul(builder.fmul(d1, d1), inv))
+        m2 = builder.select(fin, m2, _F64(_NAN))
+        return context.make_tuple(builder, sig.return_type, (mu, m2))
+
+    return types.UniTuple(types.float64, 2)(mean, sd, ss, k), codegen
 
 
-@njit(**OPTS)
-def _expf(t):
-    """exp(t) for float32 in code LLVM vectorizes: Cephes' reduction t = k·ln2 + r and its
-    degree-7 polynomial (about 1.3 ulp). Overflows to inf a little early (t > 88.3) and
-    underflows to 0 below the normal range; NaN stays NaN."""
-    hi, lo = np.float32(88.3), np.float32(-87.33654)
-    tc = t if t > lo else lo  # noqa: FURB136 (a plain select; NaN is handled last)
-    tc = tc if tc < hi else hi  # noqa: FURB136
-    k = np.floor(tc * np.float32(1.4426950408889634) + np.float32(0.5))
-    r = tc - k * np.float32(0.693359375) - k * np.float32(-2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    y = (p * r * r + r + np.float32(1.0)) * _f32_from_bits((np.int32(k) + 127) << 23)
-    y = np.float32(np.inf) if t > hi else y
-    y = np.float32(0.0) if t < lo else y
-    return t if np.isnan(t) else y
+@intrinsic
+def chan(typingctx, mean, m2, cnt, bmean, bm2, k):
+    """Chan's merge of the float64 moments (mean, M2) of cnt elements with (bmean, bm2) of k
+    more: (mean, M2, cnt + k); cnt 0 takes the block's. An inf or NaN on either side gives the
+    counts' weighted mean (inf - inf must not make it NaN) and M2 NaN."""
+    def codegen(context, builder, sig, args):
+        mu, s2, c, bm, b2 = (context.cast(builder, v, t, types.float64) if i != 2 else v
+                             for i, (v, t) in enumerate(zip(args[:5], sig.args[:5])))
+        c = context.cast(builder, c, sig.args[2], types.int64)
+        kk = context.cast(builder, args[5], sig.args[5], types.int64)
+        tot = builder.add(c, kk)
+        fc, fk, ft = (builder.sitofp(v, _F64) for v in (c, kk, tot))
+        f = builder.fdiv(fk, ft)
+        d = builder.fsub(bm, mu)
+        merged = builder.fadd(mu, builder.fmul(d, f))
+        m2 = builder.fadd(builder.fadd(s2, b2),
+                          builder.fmul(builder.fmul(builder.fmul(d, d), fc), f))
+        # (only its inf or NaN matters: a reciprocal, which LLVM hoists like f, will do)
+        weighted = builder.fmul(builder.fadd(builder.fmul(mu, fc), builder.fmul(bm, fk)),
+                                builder.fdiv(_F64(1.0), ft))
+        fin = builder.and_(_finite(builder, mu), _finite(builder, bm))
+        merged = builder.select(fin, merged, weighted)
+        m2 = builder.select(fin, m2, _F64(_NAN))
+        first = builder.icmp_signed("==", c, c.type(0))
+        return context.make_tuple(builder, sig.return_type, (
+            builder.select(first, bm, merged), builder.select(first, b2, m2), tot))
+
+    return types.Tuple((types.float64, types.float64, types.int64))(mean, m2, cnt, bmean, bm2,
+                                                                     k), codegen
 
 
-def exp(v):
-    """exp in the compute type: `_expf` for float32, libm for float64."""
-    raise NotImplementedError
+# exp in float32 as code LLVM vectorizes (numba would call libm's expf per element): Cephes'
+# reduction t = k·ln2 + r and its degree-7 polynomial, about 1.3 ulp. Overflows to inf a little
+# early (t > 88.3) and underflows to 0 below the normal range; NaN stays NaN.
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+             1.6666665459e-1, 5.0000001201e-1)
 
 
-@overload(exp)
-def _exp_impl(v):
-    if v == types.float32:
-        return lambda v: _expf(v)
-    return lambda v: np.exp(v)
+def _exp(builder, t):
+    if t.type == _F64:
+        fn = builder.module.declare_intrinsic("llvm.exp", [_F64])
+        return builder.call(fn, [t])
+    f32 = ir.FloatType()
+    hi, lo = f32(88.3), f32(-87.33654)
+    tc = builder.select(builder.fcmp_ordered(">", t, lo), t, lo)
+    tc = builder.select(builder.fcmp_ordered("<", tc, hi), tc, hi)
+    floor = builder.module.declare_intrinsic("llvm.floor", [f32])
+    k = builder.call(floor, [builder.fadd(builder.fmul(tc, f32(1.4426950408889634)), f32(0.5))])
+    r = builder.fsub(builder.fsub(tc, builder.fmul(k, f32(0.693359375))),
+                     builder.fmul(k, f32(-2.12194440e-4)))
+    p = f32(_EXP_POLY[0])
+    for c in _EXP_POLY[1:]:
+        p = builder.fadd(builder.fmul(p, r), f32(c))
+    i32 = ir.IntType(32)
+    scale = builder.bitcast(builder.shl(builder.add(builder.fptosi(k, i32), i32(127)), i32(23)),
+                            f32)
+    y = builder.fmul(builder.fadd(builder.fadd(builder.fmul(builder.fmul(p, r), r), r), f32(1)),
+                     scale)
+    y = builder.select(builder.fcmp_ordered(">", t, hi), f32(float("inf")), y)
+    y = builder.select(builder.fcmp_ordered("<", t, lo), f32(0), y)
+    return builder.select(builder.fcmp_unordered("uno", t, t), t, y)
 
 
-@njit(**OPTS)
-def silu(z, one):
-    return z / (one + exp(-z))
+def _sigmoid(builder, z):
+    one = z.type(1.0)
+    return builder.fdiv(one, builder.fadd(one, _exp(builder, builder.fneg(z))))
 
 
-@njit(**OPTS)
-def dsilu(d, z, one):
-    """dy·silu'(z)."""
-    sig = one / (one + exp(-z))
-    return d * sig * (one + z * (one - sig))
+@intrinsic
+def silu(typingctx, z):
+    """z·sigmoid(z) = z / (1 + exp(-z))."""
+    def codegen(context, builder, sig, args):
+        z = args[0]
+        return builder.fdiv(z, builder.fadd(z.type(1.0), _exp(builder, builder.fneg(z))))
+
+    return z(z), codegen
 
 
-# --- moments -----------------------------------------------------------------------------------
+@intrinsic
+def dsilu(typingctx, d, z):
+    """d·silu'(z) = d·s·(1 + z·(1 - s)), s = sigmoid(z)."""
+    def codegen(context, builder, sig, args):
+        d, z = args
+        one = z.type(1.0)
+        s = _sigmoid(builder, z)
+        return builder.fmul(builder.fmul(d, s),
+                            builder.fadd(one, builder.fmul(z, builder.fsub(one, s))))
 
-
-@njit(fastmath=REDUCE, **OPTS)
-def block_moments(a, cp):
-    """(mean, M2) of a, in float64, by a corrected two-pass in the compute type: the deviations'
-    own sum removes the rounding error of the first mean (Chan, Golub & LeVeque)."""
-    s = cp[2]
-    for j in range(a.size):
-        s += a[j]
-    return deviations(a, s, cp)
-
-
-@njit(fastmath=REDUCE, **OPTS)
-def deviations(a, s, cp):
-    """`block_moments` of a (float, or bfloat16 read in place) given s = Σa."""
-    mu = s / cp.dtype.type(a.size)
-    sd, ss = cp[2], cp[2]
-    for j in range(a.size):
-        d = as_float(a, j) - mu
-        sd += d
-        ss += d * d
-    sd64, n64 = np.float64(sd), np.float64(a.size)
-    if not np.isfinite(mu):  # an inf (or NaN) in the block: the mean is the sum's, as torch's
-        return np.float64(mu), np.float64(np.nan)
-    return np.float64(mu) + sd64 / n64, np.float64(ss) - sd64 * sd64 / n64
-
-
-# Block moments are merged in float64 (a few operations per block): a float32 running mean
-# would gain a rounding error per merge, which a mean far from zero (1e4 with unit spread)
-# turns into visible gradient errors.
-@njit(**OPTS)
-def chan(mean, m2, cnt, bmean, bm2, bcnt):
-    """Merge the float64 moments (mean, M2) of cnt elements with those of bcnt more (Chan)."""
-    tot = cnt + bcnt
-    if tot == 0:
-        return mean, m2, tot
-    if not (np.isfinite(mean) and np.isfinite(bmean)):  # inf - inf must not make the mean NaN
-        return (mean * cnt + bmean * bcnt) / tot, np.float64(np.nan), tot
-    f = np.float64(bcnt) / np.float64(tot)
-    d = np.float64(bmean) - mean
-    return mean + d * f, m2 + np.float64(bm2) + d * d * np.float64(cnt) * f, tot
-
-
-@njit(fastmath=REDUCE, **OPTS)
-def run_moments(a, cp):
-    """(mean, M2) in float64 of the run a (float or bfloat16): the moments of each block of
-    `BLOCK` (Σ, then `deviations`: read twice while in L1, never copied), merged in order with
-    Chan's formula."""
-    mu, m2, cnt = 0.0, 0.0, 0
-    for o in range(0, a.size, BLOCK):
-        blk = a[o:o + BLOCK]
-        k = blk.size
-        s = cp[2]
-        for j in range(k):
-            s += as_float(blk, j)
-        bm, bm2 = deviations(blk, s, cp)
-        mu, m2, cnt = chan(mu, m2, cnt, bm, bm2, k) if o else (bm, bm2, k)
-    return mu, m2
-
-
-def load_moments(x, o, n, buf, cp):
-    """(mean, M2) in float64 of x[o:o + n] as `block_moments`, leaving it converted in buf when
-    x is not stored in the compute type."""
-    raise NotImplementedError
-
-
-@overload(load_moments)
-def _load_moments(x, o, n, buf, cp):
-    if x.dtype == buf.dtype:
-        return lambda x, o, n, buf, cp: block_moments(x[o:o + n], cp)
-
-    def convert(x, o, n, buf, cp):
-        return block_moments(row_view(x, o, n, buf), cp)
-    return convert
-
-
-@njit(fastmath=REDUCE, **OPTS)
-def grad_sums(d, xs, mu, r, cp):
-    """(Σ g, Σ g·x̂) over one block (float, or bfloat16 read in place)."""
-    s1, s2 = cp[2], cp[2]
-    for j in range(d.size):
-        g = as_float(d, j)
-        s1 += g
-        s2 += g * ((as_float(xs, j) - mu) * r)
-    return s1, s2
-
-
-def load_grad_sums(dy, x, o, n, gq, xq, mu, r, cp):
-    """(dy, x)[o:o + n] in the compute type (views, or converted into gq, xq) and their
-    (Σg, Σg·x̂) as `grad_sums`; bfloat16 blocks are converted and summed in one pass."""
-    raise NotImplementedError
-
-
-@overload(load_grad_sums, jit_options={"fastmath": REDUCE, **OPTS})
-def _load_grad_sums(dy, x, o, n, gq, xq, mu, r, cp):
-    if is_bf16(x) and is_bf16(dy):
-
-        def bf16(dy, x, o, n, gq, xq, mu, r, cp):
-            ds, xs = gq[:n], xq[:n]
-            xb, db = x[o:o + n], dy[o:o + n]
-            s1, s2 = cp[2], cp[2]
-            for j in range(n):
-                xv, g = load(xb, j), load(db, j)
-                xs[j] = xv
-                ds[j] = g
-                s1 += g
-                s2 += g * ((xv - mu) * r)
-            return ds, xs, s1, s2
-
-        return bf16
-
-    def other(dy, x, o, n, gq, xq, mu, r, cp):
-        xs, ds = row_view(x, o, n, xq), row_view(dy, o, n, gq)
-        s1, s2 = grad_sums(ds, xs, mu, r, cp)
-        return ds, xs, s1, s2
-
-    return other
-
-
-@njit(**OPTS)
-def silu_grad(d, xs, mu, r, wc, bc, out, cp):
-    """out = dy·silu'(z), z = x̂·w + b recomputed from x (one channel's run)."""
-    for j in range(out.size):
-        out[j] = dsilu(load(d, j), (load(xs, j) - mu) * r * wc + bc, cp[1])
-    return out
-
-
-@njit(**OPTS)
-def sum_over_n(parts, n_, c_, lo, hi, out):
-    """out[c] = Σ_n parts[n, c], n = 0, 1, ... in order, for the channels c in [lo, hi)."""
-    for c in range(lo, hi):
-        s = parts[c]
-        for n in range(1, n_):
-            s += parts[n * c_ + c]
-        out[c] = s
-
-
-def dest(y, o, n, out):
-    """Where to write (or find kept) y[o:o + n]: in place when y is stored in the compute
-    type, else out."""
-    raise NotImplementedError
-
-
-@overload(dest)
-def _dest(y, o, n, out):
-    if y.dtype == out.dtype:
-        return lambda y, o, n, out: y[o:o + n]
-    return lambda y, o, n, out: out[:n]
-
-
-# --- the stores of y and dx -----------------------------------------------------------------------
-
-
-@njit(**OPTS)
-def store_affine(src, a, sh, with_silu, y, yo, one):
-    """y[yo:yo + n] = silu?(src·a + sh) in y's storage type, n = src.size. One pass from the
-    float (or bfloat16) segment; no FMA contraction: sh = b − mean·a holds a rounded product,
-    which x·a must cancel alike."""
-    d = y[yo:yo + src.size]
-    if with_silu:
-        for j in range(d.size):
-            store(d, j, silu(as_float(src, j) * a + sh, one))
-    else:
-        for j in range(d.size):
-            store(d, j, as_float(src, j) * a + sh)
-
-
-@njit(**OPTS)
-def store_dnorm(g, xs, mu, r, wc, mg, mgx, dx, o):
-    """dx[o:o + n] = rstd·(w·g − mg − x̂·mgx) in dx's storage type, n = g.size, as
-    A·g + B·(x − mean) + C with the scalars folded (three operations an element, not seven)."""
-    d = dx[o:o + g.size]
-    fa, fb, fc = r * wc, -(r * r * mgx), -(r * mg)
-    for j in range(d.size):
-        store(d, j, fa * as_float(g, j) + fb * (as_float(xs, j) - mu) + fc)
-
-
-__all__ = ["BLOCK", "KEEP", "REDUCE"]
+    return z(d, z), codegen

@@ -10,12 +10,15 @@ The conversions round exactly like torch's casts.
 
 from __future__ import annotations
 
+import operator
+
+import llvmlite.binding as ll
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
-from numba.np.arrayobj import make_array, populate_array
+from numba.core.datamodel.models import ArrayModel
+from numba.extending import intrinsic, lower_builtin, lower_cast, register_model
 
 _I32 = ir.IntType(32)
 # error_model: no divide-by-zero checks (torch gives inf), which would also keep LLVM from
@@ -33,15 +36,56 @@ def _dtype_of(tag):
     return tag.instance_type if isinstance(tag, types.NumberClass) else tag.dtype
 
 
-def _array_at(context, builder, array_type, addr, n):
-    """An array struct of array_type over n elements at the integer address addr."""
-    array = make_array(array_type)(context, builder)
-    item = context.get_abi_sizeof(context.get_data_type(array_type.dtype))
-    data = builder.inttoptr(addr, context.get_value_type(types.CPointer(array_type.dtype)))
+class Raw(types.Array):
+    """The kernels' arrays: numba's 1-D contiguous arrays, whose `a[i]` (i >= 0) is a load and
+    `a[i] = v` a store. numba's own indexing wraps negative indices and goes through a stack
+    copy of the array struct, several times the IR, and the lowering time, of every access.
+    Slicing one gives a plain numba array: kernels take `view(a, offset, n)` instead."""
+
+    def __init__(self, dtype):
+        super().__init__(dtype, 1, "C")
+        self.name = f"raw({dtype})"
+
+
+register_model(Raw)(ArrayModel)
+
+
+# An array struct is built and read with insertvalue and extractvalue alone (no stack copy).
+_DATA, _SHAPE = 4, 5  # the fields of numba's array struct (meminfo, parent, nitems, itemsize,
+# data, shape, strides)
+
+
+@lower_cast(Raw, types.Array)
+@lower_cast(types.Array, Raw)
+def _same_struct(context, builder, fromty, toty, val):
+    return val  # (where a Raw and a plain array meet, as the branches of an `if`)
+
+
+@lower_builtin(operator.getitem, Raw, types.Integer)
+def _getitem(context, builder, sig, args):
+    return builder.load(_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1]))
+
+
+@lower_builtin(operator.setitem, Raw, types.Integer, types.Any)
+def _setitem(context, builder, sig, args):
+    value = context.cast(builder, args[2], sig.args[2], sig.args[0].dtype)
+    builder.store(value, _pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1]))
+    return context.get_dummy_value()
+
+
+def _array_at(context, builder, array_type, data, n):
+    """An array struct of array_type over n elements at pointer (or integer address) data."""
+    ptr_type = context.get_value_type(types.CPointer(array_type.dtype))
+    if not isinstance(data.type, ir.PointerType):
+        data = builder.inttoptr(data, ptr_type)
     intp = context.get_value_type(types.intp)
-    populate_array(array, data=data, shape=[n], strides=[intp(item)], itemsize=intp(item),
-                   meminfo=None)
-    return array._getvalue()
+    item = intp(context.get_abi_sizeof(context.get_data_type(array_type.dtype)))
+    array = context.get_value_type(array_type)(ir.Undefined)
+    for i, v in enumerate((array.type.elements[0](None), array.type.elements[1](None), n, item,
+                           data)):
+        array = builder.insert_value(array, v, i)
+    array = builder.insert_value(array, n, [_SHAPE, 0])
+    return builder.insert_value(array, item, [_SHAPE + 1, 0])
 
 
 @intrinsic
@@ -51,7 +95,7 @@ def at(typingctx, addr, n, tag):
     function: it costs no compilation of its own."""
     if isinstance(tag, types.NoneType):  # an absent tensor
         return types.none(addr, n, tag), lambda context, builder, sig, args: None
-    array_type = types.Array(_dtype_of(tag), 1, "C")
+    array_type = Raw(_dtype_of(tag))
 
     def codegen(context, builder, sig, args):
         address = context.cast(builder, args[0], sig.args[0], types.intp)
@@ -62,9 +106,25 @@ def at(typingctx, addr, n, tag):
 
 
 @intrinsic
+def view(typingctx, a, off, n):
+    """a[off:off + n] without numba's slicing (which clamps and wraps its bounds in code of
+    its own at every slice): the caller keeps it within a."""
+    if not isinstance(a, types.Array):
+        return None
+    array_type = Raw(a.dtype)
+
+    def codegen(context, builder, sig, args):
+        count = context.cast(builder, args[2], sig.args[2], types.intp)
+        return _array_at(context, builder, array_type,
+                         _pointer(context, builder, a, args[0], args[1], off), count)
+
+    return array_type(a, off, n), codegen
+
+
+@intrinsic
 def ints(typingctx, block, n):
     """The argument block's n slots as int64 (addresses, sizes, flags)."""
-    array_type = types.Array(types.int64, 1, "C")
+    array_type = Raw(types.int64)
 
     def codegen(context, builder, sig, args):
         address = builder.ptrtoint(args[0], context.get_value_type(types.intp))
@@ -77,7 +137,7 @@ def ints(typingctx, block, n):
 @intrinsic
 def floats(typingctx, block, n):
     """The argument block's n slots as float64 (its float slots; see `_launch.Layout`)."""
-    array_type = types.Array(types.float64, 1, "C")
+    array_type = Raw(types.float64)
 
     def codegen(context, builder, sig, args):
         address = builder.ptrtoint(args[0], context.get_value_type(types.intp))
@@ -116,6 +176,27 @@ def my_share(typingctx, total):
     return types.UniTuple(types.int64, 2)(total), codegen
 
 
+def _integer_op(name: str, op, doc: str):
+    """An intrinsic of two int64 operands (non-negative for the divisions): one instruction,
+    where numba's // and % handle signs and zero, and its min() is a function of its own to
+    compile."""
+    def typer(typingctx, a, b):
+        def codegen(context, builder, sig, args):
+            x, y = (context.cast(builder, v, t, types.int64) for v, t in zip(args, sig.args))
+            return op(builder, x, y)
+
+        return types.int64(a, b), codegen
+
+    typer.__name__, typer.__doc__ = name, doc
+    return intrinsic(typer)
+
+
+idiv = _integer_op("idiv", lambda b, x, y: b.sdiv(x, y), "a // b for a >= 0 and b > 0.")
+imod = _integer_op("imod", lambda b, x, y: b.srem(x, y), "a % b for a >= 0 and b > 0.")
+imin = _integer_op("imin", lambda b, x, y: b.select(b.icmp_signed("<", x, y), x, y),
+                   "The smaller of a and b.")
+
+
 _NUMPY = {"float32": np.float32, "float64": np.float64, "uint16": np.uint16, "int16": np.int16}
 
 
@@ -145,8 +226,12 @@ def _f32_to_bf16_ir(builder, v):
     return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
 
 
-# float16: integer arithmetic in 64 bits (numba widens integer ops to int64 anyway), masked where
-# a 32-bit wrap-around is meant. Slower than the bfloat16 paths, which are the ones tuned.
+# float16: the CPU's own conversions where it has them (x86's F16C, every AVX2 CPU; ARMv8), which
+# are exact and vectorize: LLVM's half type. Elsewhere LLVM would call a runtime library for them,
+# so integer arithmetic instead, in 64 bits (numba widens integer ops to int64 anyway), masked
+# where a 32-bit wrap-around is meant, and several times slower.
+_HALF_IN_HARDWARE = (bool(ll.get_host_cpu_features().get("f16c"))
+                     or ll.get_process_triple().startswith(("aarch64", "arm64")))
 
 
 @njit(**OPTS)
@@ -191,24 +276,13 @@ def f32_to_f16(v):
 # --- element and row access, dispatched on the array's storage type at compile time -------------
 
 
-def is_bf16(a) -> bool:
-    return isinstance(a, types.Array) and a.dtype == types.uint16
-
-
-def is_f16(a) -> bool:
-    return isinstance(a, types.Array) and a.dtype == types.int16
-
-
-def is_half(a) -> bool:
-    """Whether numba type a is an array of half bit patterns (for overloads)."""
-    return is_bf16(a) or is_f16(a)
-
-
 def _to_float(context, builder, raw, storage):
     """A stored element as the float the kernels compute with (float32 for half storage)."""
     if storage == types.uint16:
         return _bf16_to_f32_ir(builder, raw)
     if storage == types.int16:
+        if _HALF_IN_HARDWARE:
+            return builder.fpext(builder.bitcast(raw, ir.HalfType()), ir.FloatType())
         return context.compile_internal(builder, f16_to_f32.py_func,
                                         types.float32(types.int16), [raw])
     return raw
@@ -219,8 +293,11 @@ def _to_storage(context, builder, v, vtype, storage):
     if storage == types.uint16:
         return _f32_to_bf16_ir(builder, context.cast(builder, v, vtype, types.float32))
     if storage == types.int16:
+        v = context.cast(builder, v, vtype, types.float32)
+        if _HALF_IN_HARDWARE:  # round to nearest even, overflow to inf, NaN quietened
+            return builder.bitcast(builder.fptrunc(v, ir.HalfType()), ir.IntType(16))
         return context.compile_internal(builder, f32_to_f16.py_func, types.int16(types.float32),
-                                        [context.cast(builder, v, vtype, types.float32)])
+                                        [v])
     return context.cast(builder, v, vtype, storage)
 
 
@@ -229,9 +306,9 @@ def _compute_type(storage):
 
 
 def _pointer(context, builder, array_type, array, index, index_type):
-    array = make_array(array_type)(context, builder, array)
+    """The address of element `index` of a 1-D contiguous array (no wrap-around: index >= 0)."""
     index = context.cast(builder, index, index_type, types.intp)
-    return cgutils.get_item_pointer(context, builder, array_type, array, [index], wraparound=False)
+    return builder.gep(builder.extract_value(array, _DATA), [index], inbounds=True)
 
 
 # load, store and round_to are intrinsics rather than numba functions: they cost no compilation
@@ -305,46 +382,3 @@ def rfma(typingctx, acc, x, y):
         return builder.fadd(args[0], product, flags=_REASSOC)
 
     return acc(acc, x, y), codegen
-
-
-# (inline: spliced into the caller before typing, so they cost no compilation of their own)
-
-
-@njit(inline="always", **OPTS)
-def load_row(src, off, n, dst):
-    """dst[:n] = src[off:off + n] converted to dst's float type."""
-    # A slice indexed from 0, not src[off + j]: numba wraps negative signed indices, which
-    # would turn the loop into gathers instead of vector loads.
-    s = src[off:off + n]
-    for j in range(n):
-        dst[j] = load(s, j)
-
-
-def as_float(a, j):
-    """Element j of a float array, or of a bfloat16 one converted in place (float16 is too slow
-    to convert again per sweep: kernels copy it to scratch instead)."""
-    raise NotImplementedError
-
-
-@overload(as_float)
-def _as_float(a, j):
-    if is_bf16(a):
-        return lambda a, j: load(a, j)
-    return lambda a, j: a[j]
-
-
-def row_view(src, off, n, buf):
-    """src[off:off + n] as a row of buf's float type: a view when src is stored in that type,
-    else converted into buf. Decided at compile time (only one of the two is compiled)."""
-    raise NotImplementedError
-
-
-@overload(row_view)
-def _row_view(src, off, n, buf):
-    if src.dtype == buf.dtype:
-        return lambda src, off, n, buf: src[off:off + n]
-
-    def convert(src, off, n, buf):
-        load_row(src, off, n, buf)
-        return buf[:n]
-    return convert

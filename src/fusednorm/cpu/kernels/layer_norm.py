@@ -31,8 +31,8 @@ from fusednorm.cpu.kernels._dtypes import (
     at,
     barrier,
     floats,
+    idiv,
     ints,
-    is_half,
     load,
     my_share,
     radd,
@@ -41,6 +41,7 @@ from fusednorm.cpu.kernels._dtypes import (
     storage_type,
     store,
     thread_id,
+    view,
 )
 from fusednorm.cpu.layer_norm import (
     BWD_ARGS as BWD,
@@ -166,25 +167,25 @@ def build_fwd(compute, x, r, params, y, h, xhat):
         if params_native and has_w and has_b and not zc:  # (the launcher gives no scratch then)
             weff, beff = w, b
         else:
-            weff, beff = scratch[:n], scratch[n:2 * n]
+            weff, beff = view(scratch, 0, n), view(scratch, n, n)
             _param_rows(w, has_w, b, has_b, zc, n, weff, beff)
-        buf = scratch[2 * n:3 * n]
+        buf = view(scratch, 2 * n, n)
         x_rows, y_rows = at(a[x_], (m - 1) * sx + n, xt), at(a[y_], m * n, yt)
         h_rows, r_rows = at(a[h_], m * n, ht), at(a[r_], (m - 1) * sr + n, rt)
         mean, rstd = at(a[mean_], m, ct), at(a[rstd_], m, ct)
         lo, hi = my_share(m)
         for i in range(lo, hi):
-            xr = x_rows[i * sx:i * sx + n]
+            xr = view(x_rows, i * sx, n)
             if with_h:  # h = residual + dropout(x), rounded to its storage type before the norm
                 for j in range(n):
                     buf[j] = load(xr, j)
                 if p > 0:
                     _dropout_row(buf, n, i * n, p, scale, a[lo_], a[hi_])
                 if with_residual:
-                    rr = r_rows[i * sr:i * sr + n]
+                    rr = view(r_rows, i * sr, n)
                     for j in range(n):
                         buf[j] += load(rr, j)
-                hr = h_rows[i * n:i * n + n]
+                hr = view(h_rows, i * n, n)
                 for j in range(n):
                     store(hr, j, buf[j])
                     buf[j] = load(hr, j)
@@ -225,7 +226,7 @@ def build_fwd(compute, x, r, params, y, h, xhat):
                 if not is_rms:
                     mean[i] = mu
                 rstd[i] = rs
-            yr = y_rows[i * n:i * n + n]
+            yr = view(y_rows, i * n, n)
             if round_xhat:  # x̂ rounded first: the cast order of Hugging Face's Llama and T5 norms
                 for j in range(n):
                     store(yr, j, ct(round_to((row[j] - mu) * rs, xhat_like)) * weff[j] + beff[j])
@@ -277,35 +278,37 @@ def build_bwd(compute, dy, hs, params, dho, dx, dr, dropout, from_output):
         if params_native and has_w and has_b and not zc:
             weff, beff = w, b
         else:
-            weff, beff = scratch[:n], scratch[n:2 * n]
+            weff, beff = view(scratch, 0, n), view(scratch, n, n)
             _param_rows(w, has_w, b, has_b, zc, n, weff, beff)
-        xh, gb, tb, ob = (scratch[2 * n:3 * n], scratch[3 * n:4 * n], scratch[4 * n:5 * n],
-                          scratch[5 * n:])
+        xh, gb, tb, ob = (view(scratch, 2 * n, n), view(scratch, 3 * n, n),
+                          view(scratch, 4 * n, n), view(scratch, 5 * n, n))
         dy_rows, hs_rows = at(a[dy_], (m - 1) * sdy + n, dyt), at(a[hs_], (m - 1) * shs + n, hst)
         dho_rows = at(a[dho_], (m - 1) * sdho + n, dhot)
         dx_rows, dr_rows = at(a[dx_], m * n, dxt), at(a[dr_], m * n, drt)
         mean, rstd = at(a[mean_], m, ct), at(a[rstd_], m, ct)
-        per = (m + nb - 1) // nb
+        per = idiv(m + nb - 1, nb)
         lo, hi = my_share(nb)
         for blk in range(lo, hi):
-            dw_blk, db_blk = parts[blk * n:(blk + 1) * n], parts[(nb + blk) * n:(nb + blk + 1) * n]
+            dw_blk, db_blk = view(parts, blk * n, n), view(parts, (nb + blk) * n, n)
             if acc >= 1:  # zeroed here, by the thread that fills them, not by a torch op
-                dw_blk[:] = zero
+                for j in range(n):
+                    dw_blk[j] = zero
             if acc == 2:
-                db_blk[:] = zero
+                for j in range(n):
+                    db_blk[j] = zero
             end = (blk + 1) * per  # (not min(): a numba function of its own to compile)
             for i in range(blk * per, end if end < m else m):  # noqa: FURB136
                 if dy_in_place:
-                    d = dy_rows[i * sdy:i * sdy + n]
+                    d = view(dy_rows, i * sdy, n)
                 else:
-                    dyr = dy_rows[i * sdy:i * sdy + n]
+                    dyr = view(dy_rows, i * sdy, n)
                     for j in range(n):
                         gb[j] = load(dyr, j)
                     d = gb
                 if saved_in_place:
-                    row = hs_rows[i * shs:i * shs + n]
+                    row = view(hs_rows, i * shs, n)
                 else:
-                    hsr = hs_rows[i * shs:i * shs + n]
+                    hsr = view(hs_rows, i * shs, n)
                     for j in range(n):
                         ob[j] = load(hsr, j)
                     row = ob
@@ -338,23 +341,23 @@ def build_bwd(compute, dy, hs, params, dho, dx, dr, dropout, from_output):
                         dw_blk[j] += d[j] * xh[j]
                 mg, mgx = zero if is_rms else sg * inv_n, sgx * inv_n
                 if dx_direct:
-                    o = dx_rows[i * n:i * n + n]
+                    o = view(dx_rows, i * n, n)
                     for j in range(n):
                         store(o, j, rs * (d[j] * weff[j] - mg - xh[j] * mgx))
                 else:  # dh = dnorm + dh_out; dresidual = dh; dx = dropout'(dh)
                     for j in range(n):
                         tb[j] = rs * (d[j] * weff[j] - mg - xh[j] * mgx)
                     if with_dh:
-                        hr = dho_rows[i * sdho:i * sdho + n]
+                        hr = view(dho_rows, i * sdho, n)
                         for j in range(n):
                             tb[j] += load(hr, j)
                     if with_dres:
-                        o = dr_rows[i * n:i * n + n]
+                        o = view(dr_rows, i * n, n)
                         for j in range(n):
                             store(o, j, tb[j])
                     if with_dropout:
                         _dropout_row(tb, n, i * n, p, scale, a[lo_], a[hi_])
-                    o = dx_rows[i * n:i * n + n]
+                    o = view(dx_rows, i * n, n)
                     for j in range(n):
                         store(o, j, tb[j])
         if acc > 0:
@@ -366,15 +369,15 @@ def build_bwd(compute, dy, hs, params, dho, dx, dr, dropout, from_output):
                 if acc == 2:
                     db[j] = parts[nb * n + j]
             for k in range(1, nb):
-                part, o = parts[k * n + c0:k * n + c1], dw[c0:c1]
+                part, o = view(parts, k * n + c0, c1 - c0), view(dw, c0, c1 - c0)
                 for j in range(c1 - c0):
                     o[j] += part[j]
                 if acc == 2:
-                    part, o = parts[(nb + k) * n + c0:(nb + k) * n + c1], db[c0:c1]
+                    part, o = view(parts, (nb + k) * n + c0, c1 - c0), view(db, c0, c1 - c0)
                     for j in range(c1 - c0):
                         o[j] += part[j]
 
     return cfunc(entry, fastmath=_FMA)
 
 
-__all__ = ["build_bwd", "build_fwd", "build_keep_mask", "is_half"]
+__all__ = ["build_bwd", "build_fwd", "build_keep_mask"]
