@@ -176,13 +176,22 @@ def _assert_as_torchs(results, variant, world):
         assert set(ref_placements.values()) == {("Partial(sum)",)}, ref_placements
 
 
+def _two_processes(rank, variants, patches):
+    """Everything compared on one pair of processes (starting them is most of the time)."""
+    return (_tensor_parallel(rank, variants, 2),
+            _hugging_face_tensor_parallel(rank, patches) if patches else None)
+
+
 def test_tensor_and_sequence_parallel_match_torchs_norms(request, tmp_path):
-    """fusednorm's modules, torch's norms patched, and the fused residual: one pair of
-    processes for all (starting them is most of the time)."""
+    """fusednorm's modules, torch's norms patched, the fused residual; Hugging Face's Llama
+    patched by fusednorm.patch, its norms alone and with fuse_residual."""
     variants = ("modules", "patched", "fused")
-    results = run_workers(_tensor_parallel, request, tmp_path, variants, 2)
+    patches = ("norms", "fuse_residual") if _has_transformers() else ()
+    results, hugging_face = run_workers(_two_processes, request, tmp_path, variants, patches)
     for variant in variants:
         _assert_as_torchs(results, variant, 2)
+    if hugging_face is not None:
+        _assert_hugging_face_as_unpatched(hugging_face, patches)
 
 
 def test_fsdp2_by_tensor_parallel_on_a_2d_mesh(request, tmp_path):
@@ -257,10 +266,13 @@ def _hugging_face_tensor_parallel(rank, patches):
     return results
 
 
-def test_patched_hugging_face_llama_under_sequence_parallel(request, tmp_path):
-    pytest.importorskip("transformers")
-    patches = ("norms", "fuse_residual")
-    results = run_workers(_hugging_face_tensor_parallel, request, tmp_path, patches)
+def _has_transformers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
+
+
+def _assert_hugging_face_as_unpatched(results, patches):
     ref_logits, ref_grads = results[None]
     for patch in patches:
         logits, grads = results[patch]
