@@ -37,3 +37,19 @@ def fast_apply(function: type[torch.autograd.Function], tensors: int = 3) -> Cal
                    c if c is None else _unwrap_if_dead(c), *others)
 
     return {3: apply3, 4: apply4}[tensors]
+
+
+_c_apply = torch._C._FunctionBase.__dict__["apply"]
+
+
+class Function(torch.autograd.Function):
+    """An autograd.Function whose ``apply`` skips torch's Python wrapper (it binds default
+    arguments through ``inspect.signature``: tens of µs a call) when no functorch transform is
+    active; under one, torch's own, which hands the call to functorch. For Functions whose
+    ``forward`` has no default arguments."""
+
+    @classmethod
+    def apply(cls, *args):
+        if _transforms_active():
+            return super().apply(*args)
+        return _c_apply.__get__(None, cls)(*args)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fusednorm._autograd import Function
 from fusednorm._checks import compute_dtype
 from fusednorm._layout import as_ncs, from_layout
 from fusednorm._route import op_or_impl
@@ -112,7 +113,7 @@ class GroupSpec:
     backend: str
 
 
-class GroupNormFn(torch.autograd.Function):
+class GroupNormFn(Function):
     """(y, mean, var) of group_norm(x (N, C, *)); mean and var (N, G) in the compute dtype."""
 
     @staticmethod
@@ -185,7 +186,7 @@ class GroupNormFn(torch.autograd.Function):
         return (_out_of_channels(y, size), *stats), (0, 0, 0)
 
 
-class GroupNormBackward(torch.autograd.Function):
+class GroupNormBackward(Function):
     """(dx, dweight, dbias) of `GroupNormFn`; the parameter gradients empty unless `need_w`."""
 
     @staticmethod
@@ -257,7 +258,7 @@ class BatchSpec:
     backend: str
 
 
-class BatchNormFn(torch.autograd.Function):
+class BatchNormFn(Function):
     """(y, mean, var) of batch_norm(x (N, C, *)): in training the batch's (C,) mean and biased
     variance, else `running_mean` and `running_var` normalize and are returned as mean, var."""
 
@@ -327,7 +328,7 @@ class BatchNormFn(torch.autograd.Function):
         return (_out_of_channels(y, size), mean.view(size, c), var.view(size, c)), (0, 0, 0)
 
 
-class BatchNormBackward(torch.autograd.Function):
+class BatchNormBackward(Function):
     """(dx, dweight, dbias) of `BatchNormFn`; the parameter gradients empty unless `need_w`."""
 
     @staticmethod

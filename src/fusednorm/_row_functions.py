@@ -27,6 +27,7 @@ import math
 import torch
 from torch import Tensor
 
+from fusednorm._autograd import Function
 from fusednorm._backend import kernels
 from fusednorm._checks import compute_dtype
 from fusednorm._route import _forward_ad, op_or_impl
@@ -163,7 +164,7 @@ def _differentiated(t: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-class RowNorm(torch.autograd.Function):
+class RowNorm(Function):
     """(y, h, mean, rstd) of the row norm; h is empty unless fused (residual or dropout),
     mean empty for RMSNorm. `seed`: a 0-dim int64 tensor (the dropout seed)."""
 
@@ -273,7 +274,7 @@ class RowNorm(torch.autograd.Function):
                                     None if spec.is_rms else rows, rows)
 
 
-class RowNormBackward(torch.autograd.Function):
+class RowNormBackward(Function):
     """(dx, dresidual, dweight, dbias) of `RowNorm`; dresidual empty without a residual, the
     parameter gradients empty when not asked for (`need_w`) or absent. dh_out: the gradient
     flowing into h (None: none)."""
