@@ -107,6 +107,42 @@ def test_cpu_result_does_not_depend_on_thread_count(channels_last, dtype):
             assert torch.equal(a, b_), threads
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_a_plain_call_runs_on_its_plan_with_the_general_paths_bits(channels_last, training,
+                                                                    dtype, monkeypatch):
+    """Plain tensors take the launch plan of their signature, x read in place; the same call
+    through the general path gives the same bits: y, running statistics, every gradient (the
+    plan's own parameter stand-ins and conversions included: no weight, float32 weight)."""
+    from fusednorm import _route, batch_norms
+
+    x = randn(6, 12, 5, 7, dtype=dtype, mean=0.5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = randn(6, 12, 5, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    for w, b in ((randn(12, dtype=dtype), randn(12, dtype=dtype)),
+                 (randn(12), None), (None, None)):
+        running = running_stats(12, dtype if w is None else w.dtype, "cpu")
+
+        def outputs(w=w, b=b, running=running):
+            leaves = [t if t is None else t.detach().clone().requires_grad_() for t in (x, w, b)]
+            rm, rv = (t.clone() for t in running)
+            y = batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], training, 0.1, 1e-5)
+            grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dy)
+            return [y.detach(), rm, rv, *grads]
+
+        planned = outputs()
+        key = next(reversed(batch_norms._PLANS))  # the plan of the call just made
+        assert batch_norms._PLANS[key].fast and key[0] == x.shape and key[1] == x.stride()
+        with monkeypatch.context() as m:
+            m.setattr(_route, "plain_state", lambda: False)
+            general = outputs()
+        assert len(planned) == len(general)
+        for a, b_ in zip(planned, general):
+            assert a.dtype == b_.dtype and a.stride() == b_.stride() and torch.equal(a, b_)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusednorm import _route
+from fusednorm import _backend, _route
+from fusednorm._autocast import casts
+from fusednorm._autograd import fast_apply, unwrap_if_dead
 from fusednorm._backend import kernels, resolve
 from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
 from fusednorm._layout import as_ncs, from_layout, layout_strides
@@ -91,8 +93,9 @@ def _param(p: Tensor | None, c: int, ct: torch.dtype, device: torch.device, fill
            ) -> Tensor:
     if p is None:
         return torch.full((c,), fill, dtype=ct, device=device)
-    if p.dtype == ct and p.dim() == 1 and p.is_contiguous():
-        return p  # as it is: a reshape, cast and contiguous() each cost a microsecond
+    if p.dim() == 1 and p.is_contiguous():
+        return p.to(ct)  # (p itself in the compute dtype): a reshape and contiguous() each
+        # cost a microsecond
     return p.reshape(c).to(ct).contiguous()
 
 
@@ -171,8 +174,15 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     with torch.no_grad():
         ct = mean.dtype
         unbiased = var * (count / (count - 1))  # count > 1: the checks refuse one value
-        for run, new in ((running_mean, mean), (running_var, unbiased)):
-            run.copy_(run.to(ct) * (1.0 - momentum) + new * momentum)
+        # one op for both (a small call's nine separate ones took ~25 µs), computed in the
+        # compute dtype and rounded once to the statistics' own, as torch does
+        running = [running_mean, running_var]
+        if running_mean.dtype == running_var.dtype == ct:
+            torch._foreach_lerp_(running, [mean, unbiased], momentum)
+            return
+        values = [t.to(ct) for t in running]
+        torch._foreach_lerp_(values, [mean, unbiased], momentum)
+        torch._foreach_copy_(running, values)
 
 
 def _running_ok(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -233,6 +243,138 @@ def _copy(t):
     return t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t
 
 
+# ---------------------------------------------------------------------------------------------
+# Launch plans for batch_norm: one per call signature (as group_norms.py's).
+
+
+class _BatchPlan:
+    """What is decided once for one signature of batch_norm's arguments: `fast` when x is read
+    in place by our CPU kernels (the checks passed); the general path serves everything else,
+    torch's errors included."""
+
+    def __init__(self, x, running_mean, running_var, weight, bias, training, eps):
+        self.fast = False
+        if (_route.route(x, weight, bias, running_mean, running_var) != "kernels"
+                or casts(x.device.type)
+                or not _args_ok(x, running_mean, running_var, weight, bias, training, 0.0, eps)
+                or resolve(x) != "cpu" or x.numel() == 0):
+            return
+        x3, cl = as_ncs(x, True)
+        if x3.data_ptr() != x.data_ptr() or torch.empty_like(x).stride() != x.stride():
+            return  # x is copied into a layout: the general path
+        ct = compute_dtype(x.dtype)
+        c = x.shape[1]
+        self.ct, self.stride, self.training, self.eps = ct, x.stride(), training, float(eps)
+        self.count = x.numel() // c
+        self.params = KernelParams(weight, bias, c, ct)
+        self.needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias))
+        from fusednorm.cpu.batch_norm import plan
+
+        self.kernels = plan(x3, self.eps, cl)
+        self.fast = True
+
+
+class KernelParams:
+    """A plan's weight and bias as the kernels take them, (C,) contiguous in the compute dtype:
+    `params(weight, bias)` gives the tensors themselves where they are that already (decided
+    once per plan), stand-ins made once for absent ones, else converted copies."""
+
+    def __init__(self, weight: Tensor | None, bias: Tensor | None, c: int, ct: torch.dtype):
+        self.c, self.ct = c, ct
+        self.ones = torch.ones(c, dtype=ct) if weight is None else None
+        self.zeros = torch.zeros(c, dtype=ct) if bias is None else None
+        self.w_as_is = weight is None or (weight.dtype == ct and weight.is_contiguous())
+        self.b_as_is = bias is None or (bias.dtype == ct and bias.is_contiguous())
+
+    def __call__(self, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        w = self.ones if weight is None else (
+            weight if self.w_as_is else _param(weight, self.c, self.ct, None, 1.0))
+        b = self.zeros if bias is None else (
+            bias if self.b_as_is else _param(bias, self.c, self.ct, None, 0.0))
+        return w, b
+
+
+class _BatchNormFast(torch.autograd.Function):
+    """batch_norm on a plan: x read in place, y and dx in x's layout; in training also the
+    batch mean and (biased) variance, not differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan, mean, var):
+        w, b = plan.params(weight, bias)
+        y, mean, var = plan.kernels.forward(x, w, b, mean, var)
+        ctx.save_for_backward(x, w, mean, var, weight, bias)
+        ctx.plan = plan
+        if not plan.training:
+            return y
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, *_stats):
+        x, w, mean, var, weight, bias = ctx.saved_tensors
+        plan = ctx.plan
+        if torch.is_grad_enabled():
+            ctx.config = (plan.training, plan.eps)
+            return _double_backward_ready(ctx, x, weight, bias, mean, var, dy)[:3] + (None,) * 3
+        if dy.stride() != plan.stride or dy.dtype != x.dtype:
+            dy = torch.empty_like(x).copy_(dy)  # into x's layout and dtype
+        dx, dw, db = plan.kernels.backward(dy, x, w, mean, var, plan.training)
+        need = ctx.needs_input_grad
+        return (dx if need[0] else None, _grad_like(dw, weight) if need[1] else None,
+                _grad_like(db, bias) if need[2] else None, None, None, None)
+
+
+def _grad_like(g: Tensor, p: Tensor) -> Tensor:
+    """A parameter's gradient (C,) in the compute dtype, as the parameter: its dtype and shape
+    (torch takes a weight of any shape with C elements)."""
+    g = g if g.dtype == p.dtype else g.to(p.dtype)
+    return g if p.dim() == 1 else g.view(p.shape)
+
+
+_batch_norm_fast = fast_apply(_BatchNormFast)
+
+_PLANS: dict[tuple, _BatchPlan] = {}
+
+
+def _signature(t):
+    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device,
+                                   t.requires_grad, t.is_neg())
+
+
+def _plan(input, running_mean, running_var, weight, bias, training, eps) -> _BatchPlan | None:
+    """The plan of this signature (see row_norm.py's key for what tells tensors apart)."""
+    try:
+        key = (input.shape, input.stride(), input.dtype, input.device, input.requires_grad,
+               input.is_neg(), _signature(running_mean), _signature(running_var),
+               _signature(weight), _signature(bias), training, eps, torch.is_grad_enabled(),
+               _backend._current, casts(input.device.type))
+    except (RuntimeError, AttributeError):  # no strides (strided nested), not a tensor
+        return None
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 4096:
+            _PLANS.clear()
+        plan = _PLANS[key] = _BatchPlan(input, running_mean, running_var, weight, bias,
+                                        training, eps)
+    return plan
+
+
+def _fast_batch_norm(plan, input, running_mean, running_var, weight, bias, momentum):
+    if plan.training:
+        mean = var = None
+    else:
+        mean, var = running_mean.to(plan.ct).contiguous(), running_var.to(plan.ct).contiguous()
+    if plan.needs_grad:
+        out = _batch_norm_fast(input, weight, bias, plan, mean, var)
+        y, mean, var = out if plan.training else (out, mean, var)
+    else:
+        y, mean, var = plan.kernels.forward(input, *plan.params(weight, bias), mean, var)
+    if plan.training and running_mean is not None:
+        update_running_stats(running_mean, running_var, mean, var, momentum, plan.count)
+    return y
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -248,6 +390,14 @@ def batch_norm(
     Channels-last input gives channels-last output. In training the running statistics, when
     given, are updated in place with the batch mean and unbiased variance.
     """
+    # the common call first: plain tensors in a plain state, on the plan of their signature
+    if (type(input) is Tensor and type(momentum) is float and not torch.compiler.is_compiling()
+            and _route.plain_state()):
+        plan = _plan(unwrap_if_dead(input), running_mean, running_var, weight, bias,
+                     bool(training), eps)
+        if plan is not None and plan.fast:
+            return _fast_batch_norm(plan, unwrap_if_dead(input), running_mean, running_var,
+                                    weight, bias, momentum)
     way = _route.way(input, weight, bias, running_mean, running_var)
     if way in ("export", "torch", "nested", "ops") or (
             way == "transform" and training and running_mean is not None):

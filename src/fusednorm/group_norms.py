@@ -24,6 +24,7 @@ from fusednorm._layout import as_ncs, from_layout, layout_strides
 from fusednorm._ops import dispatch, needs_grad
 from fusednorm._route import eager_only
 from fusednorm.batch_norms import (
+    KernelParams,
     _BatchNorm,
     _copy,
     _plain,
@@ -205,24 +206,13 @@ class _GroupPlan:
         ct = compute_dtype(x.dtype)
         c = x.shape[1]
         self.ct, self.stride = ct, x.stride()
-        self.ones = torch.ones(c, dtype=ct) if weight is None else None
-        self.zeros = torch.zeros(c, dtype=ct) if bias is None else None
-        self.w_as_is = weight is None or (weight.dtype == ct and weight.is_contiguous())
-        self.b_as_is = bias is None or (bias.dtype == ct and bias.is_contiguous())
+        self.params = KernelParams(weight, bias, c, ct)
         self.needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias))
         from fusednorm.cpu.group_norm import GroupNormPlan
 
         self.kernels = GroupNormPlan(*x3.shape, num_groups, self.eps, silu, cl, x.dtype)
         self.fast = True
-
-    def params(self, weight, bias):
-        """(w, b) as the kernels take them: (C,) contiguous in the compute dtype."""
-        w = self.ones if weight is None else (
-            weight if self.w_as_is else weight.to(self.ct).contiguous())
-        b = self.zeros if bias is None else (
-            bias if self.b_as_is else bias.to(self.ct).contiguous())
-        return w, b
 
 
 class _GroupNormFast(torch.autograd.Function):
