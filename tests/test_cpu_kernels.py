@@ -278,6 +278,26 @@ def test_no_weight_grad_requested():
     assert torch.equal(dx, full[0])
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("m", [3, 300])  # one block of rows; several blocks summed
+def test_half_weight_grads_are_the_float32_sums_rounded_like_torch(dtype, m):
+    """Half parameters get their gradients written in their dtype by the kernel: the same bits
+    as the float32 parameters' (same values) rounded by torch's cast; dx the same bits too."""
+    n = 1000
+    x, dy = randn(m, n, dtype=dtype), randn(m, n, dtype=dtype)
+    w, b = randn(n, dtype=dtype), randn(n, dtype=dtype)
+    grads = {}
+    for params in (dtype, torch.float32):
+        wp, bp = w.to(params), b.to(params)
+        _, _, mean, rstd = norm_fwd(x, wp, bp, None, EPS, False, False, 0.0, 0, dtype, None)
+        grads[params] = norm_bwd(dy, x, wp, bp, mean, rstd, None, EPS, False, False, 0.0, 0,
+                                 False, dtype, None, True)  # fmt: skip
+    (dx, _, dw, db), (dx32, _, dw32, db32) = grads[dtype], grads[torch.float32]
+    assert dw.dtype == db.dtype == dtype and dw32.dtype == torch.float32
+    assert torch.equal(dx, dx32)
+    assert torch.equal(dw, dw32.to(dtype)) and torch.equal(db, db32.to(dtype))
+
+
 # --- layouts ---------------------------------------------------------------------------------------
 
 

@@ -174,13 +174,14 @@ class BackwardPlan:
         # dweight's partial rows, then dbias's, in scratch after the threads' rows
         self.parts_bytes = self.acc * nb * n * size
         self.dx_like_saved = saved_dtype == x_dtype  # then dx is allocated like the saved input
-        self.grad_like = torch.empty(n, dtype=ct)  # (templates: see ForwardPlan.stats_like)
+        # (templates: see ForwardPlan.stats_like) dweight and dbias in the parameters' dtype
+        self.grad_like = torch.empty(n, dtype=w_dtype or b_dtype or ct)
 
     def __call__(self, dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tensor | None,
                  bias: torch.Tensor | None, stats: torch.Tensor, dh_out: torch.Tensor | None,
                  seed: int = 0):
-        """(dx, dresidual, dweight, dbias), the parameters' in the compute dtype; None for
-        what is not computed. `stats` as `ForwardPlan` returns them."""
+        """(dx, dresidual, dweight, dbias), the parameters' in their dtype; None for what is
+        not computed. `stats` as `ForwardPlan` returns them."""
         dx = (torch.empty_like(saved) if self.dx_like_saved and saved.is_contiguous()
               else torch.empty(self.out_shape, dtype=self.x_dtype))
         dres = (None if self.dres_dtype is None
@@ -293,9 +294,7 @@ def norm_bwd(dy, h, weight, bias, mean, rstd, dh_out, eps, is_rms, zero_centered
     dx, dres, dw, db = plan(dy, h, weight, bias, stats, dh_out, seed if dropout_p > 0 else 0)
     if dres is None:
         dres = torch.empty((0,), dtype=residual_dtype or x_dtype)
-    dweight = (dw if weight.dtype == ct else dw.to(weight.dtype)) if need_dw else None
-    dbias = (db if bias.dtype == ct else db.to(bias.dtype)) if need_db else None
-    return dx, dres, dweight, dbias
+    return dx, dres, dw if need_dw else None, db if need_db else None
 
 
 def dropout_keep_mask(seed: int, M: int, N: int, p: float, device="cpu") -> torch.Tensor:

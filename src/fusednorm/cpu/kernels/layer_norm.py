@@ -362,20 +362,24 @@ def build_bwd(compute, dy, hs, params, dho, dx, dr, dropout, from_output):
                         store(o, j, tb[j])
         if acc > 0:
             barrier()  # every partial row is complete; then each thread sums its columns, the
-            c0, c1 = my_share(n)  # partial rows in the order k = 0, 1, ... (deterministic)
-            dw, db = at(a[dw_], n, ct), at(a[db_], n, ct)
-            for j in range(c0, c1):
-                dw[j] = parts[j]
-                if acc == 2:
-                    db[j] = parts[nb * n + j]
+            c0, c1 = my_share(n)  # partial rows in the order k = 0, 1, ... (deterministic),
+            # into the first one, and stores the sums in the parameters' dtype (a cast by torch
+            # afterwards cost a small bfloat16 call more than the kernel's whole sum)
+            sw, sb = view(parts, c0, c1 - c0), view(parts, nb * n + c0, c1 - c0)
             for k in range(1, nb):
-                part, o = view(parts, k * n + c0, c1 - c0), view(dw, c0, c1 - c0)
+                part = view(parts, k * n + c0, c1 - c0)
                 for j in range(c1 - c0):
-                    o[j] += part[j]
+                    sw[j] += part[j]
                 if acc == 2:
-                    part, o = view(parts, (nb + k) * n + c0, c1 - c0), view(db, c0, c1 - c0)
+                    part = view(parts, (nb + k) * n + c0, c1 - c0)
                     for j in range(c1 - c0):
-                        o[j] += part[j]
+                        sb[j] += part[j]
+            dw, db = view(at(a[dw_], n, pt), c0, c1 - c0), view(at(a[db_], n, pt), c0, c1 - c0)
+            for j in range(c1 - c0):
+                store(dw, j, sw[j])
+            if acc == 2:
+                for j in range(c1 - c0):
+                    store(db, j, sb[j])
 
     return cfunc(entry, fastmath=_FMA)
 
