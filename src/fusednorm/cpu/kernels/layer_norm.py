@@ -363,9 +363,17 @@ def build_bwd(compute, dy, hs, params, dho, dx, dr, dropout, from_output):
         if acc > 0:
             barrier()  # every partial row is complete; then each thread sums its columns, the
             c0, c1 = my_share(n)  # partial rows in the order k = 0, 1, ... (deterministic),
-            # into the first one, and stores the sums in the parameters' dtype (a cast by torch
-            # afterwards cost a small bfloat16 call more than the kernel's whole sum)
-            sw, sb = view(parts, c0, c1 - c0), view(parts, nb * n + c0, c1 - c0)
+            # into dweight and dbias, or for half parameters into the first partial rows, then
+            # stored in the parameters' dtype (a cast by torch afterwards cost a small bfloat16
+            # call more than the kernel's whole sum)
+            if params_native:
+                sw, sb = view(at(a[dw_], n, ct), c0, c1 - c0), view(at(a[db_], n, ct), c0, c1 - c0)
+                for j in range(c1 - c0):
+                    sw[j] = parts[c0 + j]
+                    if acc == 2:
+                        sb[j] = parts[nb * n + c0 + j]
+            else:
+                sw, sb = view(parts, c0, c1 - c0), view(parts, nb * n + c0, c1 - c0)
             for k in range(1, nb):
                 part = view(parts, k * n + c0, c1 - c0)
                 for j in range(c1 - c0):
@@ -374,12 +382,14 @@ def build_bwd(compute, dy, hs, params, dho, dx, dr, dropout, from_output):
                     part = view(parts, (nb + k) * n + c0, c1 - c0)
                     for j in range(c1 - c0):
                         sb[j] += part[j]
-            dw, db = view(at(a[dw_], n, pt), c0, c1 - c0), view(at(a[db_], n, pt), c0, c1 - c0)
-            for j in range(c1 - c0):
-                store(dw, j, sw[j])
-            if acc == 2:
+            if not params_native:
+                dw, db = (view(at(a[dw_], n, pt), c0, c1 - c0),
+                          view(at(a[db_], n, pt), c0, c1 - c0))
                 for j in range(c1 - c0):
-                    store(db, j, sb[j])
+                    store(dw, j, sw[j])
+                if acc == 2:
+                    for j in range(c1 - c0):
+                        store(db, j, sb[j])
 
     return cfunc(entry, fastmath=_FMA)
 
