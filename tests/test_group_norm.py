@@ -473,3 +473,39 @@ def test_compiled_matches_eager(compiler):
                     + [model.inorm.running_mean.clone(), model.inorm.running_var.clone()])
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("norm", ["group_norm", "group_norm_silu", "batch_norm"])
+def test_half_parameters_are_read_in_place_with_float32_parameters_bits(norm, channels_last,
+                                                                        dtype):
+    """Half weight and bias reach the kernels as they are (no cast per call) and their
+    gradients come back in their dtype: the same bits as float32 parameters of the same
+    values, whose gradients torch then rounds; y and dx the same bits too."""
+    from fusednorm import batch_norms
+
+    x = randn(6, 16, 5, 7, dtype=dtype, mean=0.5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = randn(6, 16, 5, 7, dtype=dtype)
+    w, b = randn(16, dtype=dtype), randn(16, dtype=dtype)
+    outs = {}
+    for params in (dtype, torch.float32):
+        leaves = [x.detach().clone().requires_grad_(), w.to(params).requires_grad_(),
+                  b.to(params).requires_grad_()]
+        if norm == "batch_norm":
+            y = batch_norms.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True)
+            plan = batch_norms._PLANS[next(reversed(batch_norms._PLANS))]
+        else:
+            y = group_norm(leaves[0], 4, leaves[1], leaves[2],
+                           activation="silu" if norm == "group_norm_silu" else None)
+            from fusednorm import group_norms
+
+            plan = group_norms._PLANS[next(reversed(group_norms._PLANS))]
+        assert plan.fast and plan.params.dtype == params  # read as they are
+        outs[params] = [y, *torch.autograd.grad(y, leaves, dy)]
+    (y, dx, dw, db), (y32, dx32, dw32, db32) = outs[dtype], outs[torch.float32]
+    assert dw.dtype == db.dtype == dtype and dw32.dtype == torch.float32
+    assert torch.equal(y, y32) and torch.equal(dx, dx32)
+    assert torch.equal(dw, dw32.to(dtype)) and torch.equal(db, db32.to(dtype))

@@ -271,28 +271,31 @@ class _BatchPlan:
             t is not None and t.requires_grad for t in (x, weight, bias))
         from fusednorm.cpu.batch_norm import plan
 
-        self.kernels = plan(x3, self.eps, cl)
+        self.kernels = plan(x3, self.eps, cl, self.params.dtype)
         self.fast = True
 
 
 class KernelParams:
-    """A plan's weight and bias as the kernels take them, (C,) contiguous in the compute dtype:
-    `params(weight, bias)` gives the tensors themselves where they are that already (decided
-    once per plan), stand-ins made once for absent ones, else converted copies."""
+    """A plan's weight and bias as the kernels take them, (C,) contiguous, both of `dtype`:
+    `params(weight, bias)` gives the tensors themselves where they are (C,) and contiguous
+    (the kernels read half parameters where they lie and write their gradients in their
+    dtype), stand-ins made once for absent ones, else copies in the compute dtype. Decided once
+    per plan: the checks passed already (one dtype for both, x's or float32)."""
 
     def __init__(self, weight: Tensor | None, bias: Tensor | None, c: int, ct: torch.dtype):
+        present = [p for p in (weight, bias) if p is not None]
+        self.as_is = all(p.dim() == 1 and p.is_contiguous() for p in present)
         self.c, self.ct = c, ct
-        self.ones = torch.ones(c, dtype=ct) if weight is None else None
-        self.zeros = torch.zeros(c, dtype=ct) if bias is None else None
-        self.w_as_is = weight is None or (weight.dtype == ct and weight.is_contiguous())
-        self.b_as_is = bias is None or (bias.dtype == ct and bias.is_contiguous())
+        self.dtype = present[0].dtype if present and self.as_is else ct
+        self.ones = torch.ones(c, dtype=self.dtype) if weight is None else None
+        self.zeros = torch.zeros(c, dtype=self.dtype) if bias is None else None
 
     def __call__(self, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-        w = self.ones if weight is None else (
-            weight if self.w_as_is else _param(weight, self.c, self.ct, None, 1.0))
-        b = self.zeros if bias is None else (
-            bias if self.b_as_is else _param(bias, self.c, self.ct, None, 0.0))
-        return w, b
+        if self.as_is:
+            return (self.ones if weight is None else weight,
+                    self.zeros if bias is None else bias)
+        return (self.ones if weight is None else _param(weight, self.c, self.ct, None, 1.0),
+                self.zeros if bias is None else _param(bias, self.c, self.ct, None, 0.0))
 
 
 class _BatchNormFast(torch.autograd.Function):

@@ -211,7 +211,8 @@ class _GroupPlan:
             t is not None and t.requires_grad for t in (x, weight, bias))
         from fusednorm.cpu.group_norm import GroupNormPlan
 
-        self.kernels = GroupNormPlan(*x3.shape, num_groups, self.eps, silu, cl, x.dtype)
+        self.kernels = GroupNormPlan(*x3.shape, num_groups, self.eps, silu, cl, x.dtype,
+                                     self.params.dtype)
         self.fast = True
 
 

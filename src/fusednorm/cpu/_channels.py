@@ -7,11 +7,13 @@ The kernel contract of both families, CPU and Triton alike:
 - `x`: an (N, C, S) view, S the product of the spatial sizes: contiguous when `channels_last`
   is false, strides (S·C, 1, C) when true (channels innermost); other strides are copied. `dy`
   is brought to x's layout.
-- `weight`, `bias`: contiguous (C,) tensors of the compute dtype (float32; float64 for float64
-  input); the Python layer passes ones and zeros when the module has none.
-- `y`, `dx`: new tensors of x's dtype and layout; statistics and parameter gradients in the
-  compute dtype; variances biased; rstd = 1/sqrt(var + eps) recomputed identically wherever it
-  is needed.
+- `weight`, `bias`: contiguous (C,) tensors of one dtype, the compute dtype (float32; float64
+  for float64 input) or x's (half weights are read where they lie: a cast per call cost a small
+  bfloat16 call more than its kernel's own reads); the Python layer passes ones and zeros when
+  the module has none.
+- `y`, `dx`: new tensors of x's dtype and layout; statistics in the compute dtype, parameter
+  gradients in the parameters' (summed in the compute dtype, rounded once); variances biased;
+  rstd = 1/sqrt(var + eps) recomputed identically wherever it is needed.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class ChannelsLastPlan:
     the tensors) and return nothing: the statistics are (N, G) arrays the caller passes."""
 
     def __init__(self, n_: int, c_: int, s_: int, groups: int, eps: float, silu: bool,
-                 x_dtype: torch.dtype) -> None:
+                 x_dtype: torch.dtype, p_dtype: torch.dtype) -> None:
         ct = compute_dtype(x_dtype)
         self.shape, self.groups, self.eps, self.silu = (n_, c_, s_), groups, eps, silu
         self.size = itemsize(ct)
@@ -95,7 +97,7 @@ class ChannelsLastPlan:
         # threads worth waking: 1 below the grain (only the speed depends on it)
         self.cap = thread_cap(n_ * c_ * s_, n_ * self.spans)
         # (SiLU is compiled in: a model runs one or the other, and each kernel is smaller)
-        self.key = (STORAGE[ct], STORAGE[x_dtype], "silu" if silu else "")
+        self.key = (STORAGE[ct], STORAGE[x_dtype], STORAGE[p_dtype], "silu" if silu else "")
         self._fwd = _CL_FWD[self.key]
         self._bwd = None  # compiled (or loaded) at the first backward
         self._tails: dict[tuple[bool, int, bool], tuple[Scratch, bytes]] = {}

@@ -55,13 +55,14 @@ class BatchNormPlan:
     channel norm of one sample of N·S rows with a group per channel (`ChannelsLastPlan`)."""
 
     def __init__(self, n_: int, c_: int, s_: int, eps: float, channels_last: bool,
-                 x_dtype: torch.dtype) -> None:
+                 x_dtype: torch.dtype, p_dtype: torch.dtype | None = None) -> None:
         ct = compute_dtype(x_dtype)
         self.shape, self.cl, self.ct = (n_, c_, s_), channels_last, ct
+        self.pt = p_dtype = p_dtype or ct  # the parameters' (and their gradients') dtype
         if channels_last:
-            self._cl = ChannelsLastPlan(1, c_, n_ * s_, c_, eps, False, x_dtype)
+            self._cl = ChannelsLastPlan(1, c_, n_ * s_, c_, eps, False, x_dtype, p_dtype)
             return
-        self.key = (STORAGE[ct], STORAGE[x_dtype])
+        self.key = (STORAGE[ct], STORAGE[x_dtype], STORAGE[p_dtype])
         self._fwd = _CF_FWD[self.key]
         self._bwd = None  # compiled (or loaded) at the first backward
         self.eps = eps
@@ -93,7 +94,7 @@ class BatchNormPlan:
     def backward(self, dy, x, weight, mean, var, training: bool):
         c_ = self.shape[1]
         dx = torch.empty_like(x)  # (x is dense in the layout)
-        dw, db = torch.empty(c_, dtype=self.ct), torch.empty(c_, dtype=self.ct)
+        dw, db = torch.empty(c_, dtype=self.pt), torch.empty(c_, dtype=self.pt)
         mean_c, var_c = mean.contiguous(), var.contiguous()
         if self.cl:
             self._cl.backward(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), 0,  # (no SiLU)
@@ -120,14 +121,15 @@ class BatchNormPlan:
 _PLANS: dict[tuple, BatchNormPlan] = {}
 
 
-def plan(x: torch.Tensor, eps: float, channels_last: bool) -> BatchNormPlan:
-    """The plan for x (N, C, S) (cached)."""
-    key = (tuple(x.shape), eps, channels_last, x.dtype)
+def plan(x: torch.Tensor, eps: float, channels_last: bool, p_dtype: torch.dtype
+         ) -> BatchNormPlan:
+    """The plan for x (N, C, S) and parameters of p_dtype (cached)."""
+    key = (tuple(x.shape), eps, channels_last, x.dtype, p_dtype)
     p = _PLANS.get(key)
     if p is None:
         if len(_PLANS) >= 256:
             _PLANS.clear()
-        p = _PLANS[key] = BatchNormPlan(*x.shape, eps, channels_last, x.dtype)
+        p = _PLANS[key] = BatchNormPlan(*x.shape, eps, channels_last, x.dtype, p_dtype)
     return p
 
 
@@ -141,8 +143,8 @@ def batch_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
             mean = torch.full((c_,), float("nan"), dtype=weight.dtype)
             var = mean.clone()
         return empty_layout(x, channels_last), mean, var
-    return plan(x, eps, channels_last).forward(x, weight.contiguous(), bias.contiguous(), mean,
-                                               var)
+    return plan(x, eps, channels_last, weight.dtype).forward(
+        x, weight.contiguous(), bias.contiguous(), mean, var)
 
 
 def batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -153,4 +155,5 @@ def batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
         zero = torch.zeros(x.shape[1], dtype=weight.dtype)
         return empty_layout(x, channels_last), zero, zero.clone()
     dy = conform(dy if dy.dtype == x.dtype else dy.to(x.dtype), channels_last)
-    return plan(x, eps, channels_last).backward(dy, x, weight.contiguous(), mean, var, training)
+    return plan(x, eps, channels_last, weight.dtype).backward(dy, x, weight.contiguous(), mean,
+                                                              var, training)

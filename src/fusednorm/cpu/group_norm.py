@@ -46,15 +46,17 @@ class GroupNormPlan:
     arguments, for `forward` and `backward` calls on tensors already in that layout."""
 
     def __init__(self, n_: int, c_: int, s_: int, groups: int, eps: float, silu: bool,
-                 channels_last: bool, x_dtype: torch.dtype) -> None:
+                 channels_last: bool, x_dtype: torch.dtype,
+                 p_dtype: torch.dtype | None = None) -> None:
         ct = compute_dtype(x_dtype)
         self.shape, self.groups, self.cl, self.ct = (n_, c_, s_), groups, channels_last, ct
+        self.pt = p_dtype = p_dtype or ct  # the parameters' (and their gradients') dtype
         self.size = itemsize(ct)
         if channels_last:
-            self._cl = ChannelsLastPlan(n_, c_, s_, groups, eps, silu, x_dtype)
+            self._cl = ChannelsLastPlan(n_, c_, s_, groups, eps, silu, x_dtype, p_dtype)
             return
         # (SiLU is compiled in: a model runs one or the other, and each kernel is smaller)
-        self.key = (STORAGE[ct], STORAGE[x_dtype], "silu" if silu else "")
+        self.key = (STORAGE[ct], STORAGE[x_dtype], STORAGE[p_dtype], "silu" if silu else "")
         self._fwd = _CF_FWD[self.key]
         self._bwd = None  # compiled (or loaded) at the first backward
         # threads worth waking: 1 below the grain (only the speed depends on it)
@@ -84,7 +86,7 @@ class GroupNormPlan:
         `forward` returns them (contiguous)."""
         c_ = self.shape[1]
         dx = torch.empty_like(x)
-        dw, db = torch.empty(c_, dtype=self.ct), torch.empty(c_, dtype=self.ct)
+        dw, db = torch.empty(c_, dtype=self.pt), torch.empty(c_, dtype=self.pt)
         mean = stats.data_ptr()
         var = mean + self.shape[0] * self.groups * self.size
         if self.cl:
@@ -106,15 +108,16 @@ class GroupNormPlan:
 _PLANS: dict[tuple, GroupNormPlan] = {}
 
 
-def plan(x: torch.Tensor, groups: int, eps: float, silu: bool, channels_last: bool
-         ) -> GroupNormPlan:
-    """The plan for x (N, C, S) (cached)."""
-    key = (tuple(x.shape), groups, eps, silu, channels_last, x.dtype)
+def plan(x: torch.Tensor, groups: int, eps: float, silu: bool, channels_last: bool,
+         p_dtype: torch.dtype) -> GroupNormPlan:
+    """The plan for x (N, C, S) and parameters of p_dtype (cached)."""
+    key = (tuple(x.shape), groups, eps, silu, channels_last, x.dtype, p_dtype)
     p = _PLANS.get(key)
     if p is None:
         if len(_PLANS) >= 256:
             _PLANS.clear()
-        p = _PLANS[key] = GroupNormPlan(*x.shape, groups, eps, silu, channels_last, x.dtype)
+        p = _PLANS[key] = GroupNormPlan(*x.shape, groups, eps, silu, channels_last, x.dtype,
+                                        p_dtype)
     return p
 
 
@@ -125,7 +128,7 @@ def group_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
     if x.numel() == 0:
         nan = torch.full((x.shape[0], groups), float("nan"), dtype=weight.dtype)
         return empty_layout(x, channels_last), nan, nan.clone()
-    y, stats = plan(x, groups, eps, silu, channels_last).forward(
+    y, stats = plan(x, groups, eps, silu, channels_last, weight.dtype).forward(
         x, weight.contiguous(), bias.contiguous())
     # separate tensors: the outputs of an op may not alias one another
     return y, stats[0].clone(), stats[1].clone()
@@ -140,5 +143,5 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
         zero = torch.zeros(c_, dtype=weight.dtype)
         return empty_layout(x, channels_last), zero, zero.clone()
     dy = conform(dy if dy.dtype == x.dtype else dy.to(x.dtype), channels_last)
-    return plan(x, groups, eps, silu, channels_last).backward(
+    return plan(x, groups, eps, silu, channels_last, weight.dtype).backward(
         dy, x, weight.contiguous(), bias.contiguous(), torch.stack([mean, var]))

@@ -43,9 +43,10 @@ from fusednorm.cpu.kernels._dtypes import (
 )
 
 
-def build_fwd(compute, x):
-    """The forward kernel for x stored as `x`, computing in `compute`."""
-    ct, xt = storage_type(compute), storage_type(x)
+def build_fwd(compute, x, params):
+    """The forward kernel for x stored as `x`, weight and bias as `params`, computing in
+    `compute`."""
+    ct, xt, pt = storage_type(compute), storage_type(x), storage_type(params)
     size, eps_ = len(FWD), FWD.slot("eps")
     x_, w_, b_, y_, mean_, var_, scr_ = FWD.slots(
         "x", "weight", "bias", "y", "mean", "var", "scratch")
@@ -56,7 +57,7 @@ def build_fwd(compute, x):
         n_, c_, s_, training = a[n_s], a[c_s], a[s_s], a[tr_] != 0
         eps, one = ct(f[eps_]), ct(1)
         x, y = at(a[x_], n_ * c_ * s_, xt), at(a[y_], n_ * c_ * s_, xt)
-        w, b = at(a[w_], c_, ct), at(a[b_], c_, ct)
+        w, b = at(a[w_], c_, pt), at(a[b_], c_, pt)
         mean, var = at(a[mean_], c_, ct), at(a[var_], c_, ct)
         per = idiv(n_ + CHUNKS - 1, CHUNKS)  # samples per chunk
         nch = idiv(n_ + per - 1, per)
@@ -98,8 +99,8 @@ def build_fwd(compute, x):
                                        (imin(n_, (k + 1) * per) - k * per) * s_)
                 mean[c] = mu
                 var[c] = m2 / cnt
-            sc = one / np.sqrt(var[c] + eps) * w[c]
-            coef[c], coef[c_ + c] = sc, b[c] - mean[c] * sc
+            sc = one / np.sqrt(var[c] + eps) * load(w, c)
+            coef[c], coef[c_ + c] = sc, load(b, c) - mean[c] * sc
         barrier()
         lo, hi = my_share(n_ * c_)
         for q in range(lo, hi):  # y in memory order, no fused multiply-add (as GroupNorm's)
@@ -111,9 +112,10 @@ def build_fwd(compute, x):
     return cfunc(entry)
 
 
-def build_bwd(compute, x):
-    """The backward kernel for x (and dy, dx) stored as `x`, computing in `compute`."""
-    ct, xt = storage_type(compute), storage_type(x)
+def build_bwd(compute, x, params):
+    """The backward kernel for x (and dy, dx) stored as `x`, weight and the parameters'
+    gradients as `params`, computing in `compute`."""
+    ct, xt, pt = storage_type(compute), storage_type(x), storage_type(params)
     csize = np.dtype(ct).itemsize
     size, eps_ = len(BWD), BWD.slot("eps")
     dy_, x_, w_, mean_, var_, dx_, dw_, db_, scr_ = BWD.slots(
@@ -126,9 +128,9 @@ def build_bwd(compute, x):
         eps, one, zero = ct(f[eps_]), ct(1), ct(0)
         total = n_ * c_ * s_
         dy, x, dx = at(a[dy_], total, xt), at(a[x_], total, xt), at(a[dx_], total, xt)
-        w = at(a[w_], c_, ct)
+        w = at(a[w_], c_, pt)
         mean, var = at(a[mean_], c_, ct), at(a[var_], c_, ct)
-        dw, db = at(a[dw_], c_, ct), at(a[db_], c_, ct)
+        dw, db = at(a[dw_], c_, pt), at(a[db_], c_, pt)
         per = idiv(n_ + CHUNKS - 1, CHUNKS)
         nch = idiv(n_ + per - 1, per)
         # scratch: per channel rstd, rstd·w, k0, k2 (4·C); per chunk and channel Σdy and
@@ -138,7 +140,7 @@ def build_bwd(compute, x):
         c0, c1 = my_share(c_)
         for c in range(c0, c1):
             co[c] = one / np.sqrt(var[c] + eps)
-            co[c_ + c] = co[c] * w[c]
+            co[c_ + c] = co[c] * load(w, c)
         barrier()
         lo, hi = my_share(nch)
         for k in range(lo, hi):
@@ -164,12 +166,14 @@ def build_bwd(compute, x):
             for k in range(1, nch):
                 s1 += pieces[2 * k * c_ + c]
                 s2 += pieces[(2 * k + 1) * c_ + c]
-            r = co[c]
-            db[c], dw[c] = s1, s2 * r  # Σdy, Σdy·x̂
+            r, wc = co[c], load(w, c)
+            s2 *= r
+            store(db, c, s1)  # Σdy, Σdy·x̂, rounded once to the parameters' dtype
+            store(dw, c, s2)
             # dx = rstd·(w·dy - mean(w·dy) - x̂·mean(w·dy·x̂)) = rstd·w·dy + k0 + (x - mean)·k2,
             # the means zero when the statistics are given (they do not depend on x)
-            co[2 * c_ + c] = -r * (w[c] * db[c] / count) if training else zero
-            co[3 * c_ + c] = -r * r * (w[c] * dw[c] / count) if training else zero
+            co[2 * c_ + c] = -r * (wc * s1 / count) if training else zero
+            co[3 * c_ + c] = -r * r * (wc * s2 / count) if training else zero
         barrier()
         lo, hi = my_share(n_ * c_)
         for q in range(lo, hi):  # dx in memory order

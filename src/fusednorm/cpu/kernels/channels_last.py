@@ -48,9 +48,10 @@ from fusednorm.cpu.kernels._dtypes import (
 )
 
 
-def build_fwd(compute, x, activation):
-    """The forward kernel for x stored as `x`, computing in `compute`; activation "silu" or ""."""
-    ct, xt = storage_type(compute), storage_type(x)
+def build_fwd(compute, x, params, activation):
+    """The forward kernel for x stored as `x`, weight and bias as `params`, computing in
+    `compute`; activation "silu" or ""."""
+    ct, xt, pt = storage_type(compute), storage_type(x), storage_type(params)
     act = activation == "silu"  # (a constant: numba prunes the branch it rules out)
     size, eps_ = len(FWD), FWD.slot("eps")
     x_, w_, b_, y_, mean_, var_, scr_, loc_ = FWD.slots(
@@ -64,7 +65,7 @@ def build_fwd(compute, x, activation):
         training, by_sample = a[tr_] != 0, a[bs_] != 0
         eps, one, zero = ct(f[eps_]), ct(1), ct(0)
         x, y = at(a[x_], n_ * s_ * c_, xt), at(a[y_], n_ * s_ * c_, xt)
-        w, b = at(a[w_], c_, ct), at(a[b_], c_, ct)
+        w, b = at(a[w_], c_, pt), at(a[b_], c_, pt)
         mean, var = at(a[mean_], n_ * groups, ct), at(a[var_], n_ * groups, ct)
         cg = idiv(c_, groups)
         nsp = idiv(s_ + rows - 1, rows)
@@ -98,8 +99,9 @@ def build_fwd(compute, x, activation):
                             var[t] = m2 / cnt
                         m, r = mean[t], one / np.sqrt(var[t] + eps)  # as the backward reads
                         for c in range(g * cg, (g + 1) * cg):
-                            coef[n * 2 * c_ + c] = r * w[c]
-                            coef[n * 2 * c_ + c_ + c] = b[c] - m * (r * w[c])
+                            rw = r * load(w, c)
+                            coef[n * 2 * c_ + c] = rw
+                            coef[n * 2 * c_ + c_ + c] = load(b, c) - m * rw
                         continue
                     r0 = imod(t, nsp) * rows
                     nr = imin(s_ - r0, rows)
@@ -140,10 +142,10 @@ def build_fwd(compute, x, activation):
     return cfunc(entry)
 
 
-def build_bwd(compute, x, activation):
-    """The backward kernel for x (and dy, dx) stored as `x`, computing in `compute`; activation
-    "silu" or ""."""
-    ct, xt = storage_type(compute), storage_type(x)
+def build_bwd(compute, x, params, activation):
+    """The backward kernel for x (and dy, dx) stored as `x`, weight, bias and their gradients
+    as `params`, computing in `compute`; activation "silu" or ""."""
+    ct, xt, pt = storage_type(compute), storage_type(x), storage_type(params)
     act = activation == "silu"
     csize = np.dtype(ct).itemsize
     size, eps_ = len(BWD), BWD.slot("eps")
@@ -159,7 +161,7 @@ def build_bwd(compute, x, activation):
         eps, one, zero = ct(f[eps_]), ct(1), ct(0)
         total = n_ * s_ * c_
         dy, x, dx = at(a[dy_], total, xt), at(a[x_], total, xt), at(a[dx_], total, xt)
-        w, b = at(a[w_], c_, ct), at(a[b_], c_, ct)
+        w, b = at(a[w_], c_, pt), at(a[b_], c_, pt)
         mean, var = at(a[mean_], n_ * groups, ct), at(a[var_], n_ * groups, ct)
         cg = idiv(c_, groups)
         nsp = idiv(s_ + rows - 1, rows)
@@ -192,8 +194,9 @@ def build_bwd(compute, x, activation):
                                 s2 += pieces[o + c_]
                             s2 *= r  # Σ g·x̂
                             sums[n * c_ + c], sums[(n_ + n) * c_ + c] = s1, s2
-                            gs += w[c] * s1
-                            gsx += w[c] * s2
+                            wc = load(w, c)
+                            gs += wc * s1
+                            gsx += wc * s2
                         # the means of w·g and w·g·x̂ over the group (none when the statistics
                         # are given: they do not depend on x)
                         cnt = ct(cg * s_)
@@ -206,7 +209,7 @@ def build_bwd(compute, x, activation):
                         for c in range(c_):
                             i = n * groups + idiv(c, cg)
                             m[c] = mean[i]
-                            rw[c] = one / np.sqrt(var[i] + eps) * w[c]
+                            rw[c] = one / np.sqrt(var[i] + eps) * load(w, c)
                         have = n
                     r0 = imod(t, nsp) * rows
                     r1 = imin(s_, r0 + rows)
@@ -220,7 +223,7 @@ def build_bwd(compute, x, activation):
                             if act:
                                 for c in range(c_):
                                     d = load(xr, c) - m[c]
-                                    g = dsilu(load(gr, c), d * rw[c] + b[c])
+                                    g = dsilu(load(gr, c), d * rw[c] + load(b, c))
                                     store(dr, c, rw[c] * g + (k0[c] + d * k2[c]))
                             else:
                                 for c in range(c_):
@@ -239,7 +242,7 @@ def build_bwd(compute, x, activation):
                         if act:
                             for c in range(c_):
                                 d = load(xr, c) - m[c]
-                                g = dsilu(load(gr, c), d * rw[c] + b[c])
+                                g = dsilu(load(gr, c), d * rw[c] + load(b, c))
                                 p1[c] += g
                                 p2[c] += g * d
                         else:
@@ -249,12 +252,13 @@ def build_bwd(compute, x, activation):
                                 p2[c] += g * (load(xr, c) - m[c])
         barrier()  # every sample's sums are in: dweight and dbias, the samples in order
         c0, c1 = my_share(c_)
-        dw, db = at(a[dw_], c_, ct), at(a[db_], c_, ct)
+        dw, db = at(a[dw_], c_, pt), at(a[db_], c_, pt)  # (rounded once to the parameters')
         for c in range(c0, c1):
             s1, s2 = zero, zero
             for n in range(n_):
                 s1 += sums[n * c_ + c]
                 s2 += sums[(n_ + n) * c_ + c]
-            db[c], dw[c] = s1, s2
+            store(db, c, s1)
+            store(dw, c, s2)
 
     return cfunc(entry)

@@ -48,9 +48,10 @@ from fusednorm.cpu.kernels._dtypes import (
 )
 
 
-def build_fwd(compute, x, activation):
-    """The forward kernel for x stored as `x`, computing in `compute`; activation "silu" or ""."""
-    ct, xt = storage_type(compute), storage_type(x)
+def build_fwd(compute, x, params, activation):
+    """The forward kernel for x stored as `x`, weight and bias as `params`, computing in
+    `compute`; activation "silu" or ""."""
+    ct, xt, pt = storage_type(compute), storage_type(x), storage_type(params)
     act = activation == "silu"  # (a constant: numba prunes the branch it rules out)
     size, eps_ = len(FWD), FWD.slot("eps")
     x_, w_, b_, y_, mean_, var_ = FWD.slots("x", "weight", "bias", "y", "mean", "var")
@@ -61,7 +62,7 @@ def build_fwd(compute, x, activation):
         n_, c_, s_, groups = a[n_s], a[c_s], a[s_s], a[g_s]
         eps, one = ct(f[eps_]), ct(1)
         x, y = at(a[x_], n_ * c_ * s_, xt), at(a[y_], n_ * c_ * s_, xt)
-        w, b = at(a[w_], c_, ct), at(a[b_], c_, ct)
+        w, b = at(a[w_], c_, pt), at(a[b_], c_, pt)
         mean, var = at(a[mean_], n_ * groups, ct), at(a[var_], n_ * groups, ct)
         cg = idiv(c_, groups)
         gsize = cg * s_
@@ -91,8 +92,8 @@ def build_fwd(compute, x, activation):
             for ci in range(cg):
                 # y = x·sc + sh, no fused multiply-add: sh holds the rounded product m·sc, which
                 # x·sc must cancel alike
-                sc = r * w[c0 + ci]
-                sh = b[c0 + ci] - m * sc
+                sc = r * load(w, c0 + ci)
+                sh = load(b, c0 + ci) - m * sc
                 xs, ys = view(xg, ci * s_, s_), view(yg, ci * s_, s_)
                 if act:
                     for j in range(s_):
@@ -104,10 +105,10 @@ def build_fwd(compute, x, activation):
     return cfunc(entry)
 
 
-def build_bwd(compute, x, activation):
-    """The backward kernel for x (and dy, dx) stored as `x`, computing in `compute`; activation
-    "silu" or ""."""
-    ct, xt = storage_type(compute), storage_type(x)
+def build_bwd(compute, x, params, activation):
+    """The backward kernel for x (and dy, dx) stored as `x`, weight, bias and their gradients
+    as `params`, computing in `compute`; activation "silu" or ""."""
+    ct, xt, pt = storage_type(compute), storage_type(x), storage_type(params)
     act, csize = activation == "silu", np.dtype(ct).itemsize
     size, eps_ = len(BWD), BWD.slot("eps")
     dy_, x_, w_, b_, mean_, var_, dx_, dw_, db_, scr_, loc_ = BWD.slots(
@@ -120,7 +121,7 @@ def build_bwd(compute, x, activation):
         eps, one, zero = ct(f[eps_]), ct(1), ct(0)
         total = n_ * c_ * s_
         dy, x, dx = at(a[dy_], total, xt), at(a[x_], total, xt), at(a[dx_], total, xt)
-        w, b = at(a[w_], c_, ct), at(a[b_], c_, ct)
+        w, b = at(a[w_], c_, pt), at(a[b_], c_, pt)
         mean, var = at(a[mean_], n_ * groups, ct), at(a[var_], n_ * groups, ct)
         sums = at(a[scr_], 2 * n_ * c_, ct)  # Σg and Σg·x̂ per (n, c)
         cg = idiv(c_, groups)
@@ -139,7 +140,8 @@ def build_bwd(compute, x, activation):
                 c = c0 + ci
                 o = t * gsize + ci * s_
                 xs, gr = view(x, o, s_), view(dy, o, s_)
-                sc, bc = r * w[c], b[c]
+                wc, bc = load(w, c), load(b, c)
+                sc = r * wc
                 s1, s2 = zero, zero
                 if act:  # g = dy·silu'(z), z = x̂·w + b
                     gk = view(kept, ci * s_, s_)
@@ -156,15 +158,15 @@ def build_bwd(compute, x, activation):
                         s2 = rfma(s2, g, load(xs, j) - mu)
                 s2 *= r
                 sums[p0 + ci], sums[n_ * c_ + p0 + ci] = s1, s2
-                gs += w[c] * s1
-                gsx += w[c] * s2
+                gs += wc * s1
+                gsx += wc * s2
             # dx = rstd·(w·g - mean(w·g) - x̂·mean(w·g·x̂)) = fa·g + fb·(x - mean) + fc
             fb, fc = -(r * r * (gsx / ct(gsize))), -(r * (gs / ct(gsize)))
             for ci in range(cg):
                 c = c0 + ci
                 o = t * gsize + ci * s_
                 xs, gr, ds = view(x, o, s_), view(dy, o, s_), view(dx, o, s_)
-                sc = r * w[c]
+                sc = r * load(w, c)
                 if act:
                     gk = view(kept, ci * s_, s_)
                     for j in range(s_):
@@ -174,12 +176,13 @@ def build_bwd(compute, x, activation):
                         store(ds, j, sc * load(gr, j) + fb * (load(xs, j) - mu) + fc)
         barrier()  # every (n, c) sum is in; each thread adds up its channels over n in order
         c0, c1 = my_share(c_)
-        dw, db = at(a[dw_], c_, ct), at(a[db_], c_, ct)
+        dw, db = at(a[dw_], c_, pt), at(a[db_], c_, pt)  # (rounded once to the parameters')
         for c in range(c0, c1):
             s1, s2 = sums[c], sums[n_ * c_ + c]
             for n in range(1, n_):
                 s1 += sums[n * c_ + c]
                 s2 += sums[(n_ + n) * c_ + c]
-            db[c], dw[c] = s1, s2
+            store(db, c, s1)
+            store(dw, c, s2)
 
     return cfunc(entry)
