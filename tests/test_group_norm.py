@@ -475,7 +475,9 @@ def test_compiled_matches_eager(compiler):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+# (bfloat16 only: float16 parameters take the same code with the other conversion, which the
+# value tests reach; each case compiles four kernels of its own on a cold cache)
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("norm", ["group_norm", "group_norm_silu", "batch_norm"])
 def test_half_parameters_are_read_in_place_with_float32_parameters_bits(norm, channels_last,
