@@ -94,8 +94,8 @@ def _param(p: Tensor | None, c: int, ct: torch.dtype, device: torch.device, fill
     if p is None:
         return torch.full((c,), fill, dtype=ct, device=device)
     if p.dim() == 1 and p.is_contiguous():
-        return p.to(ct)  # (p itself in the compute dtype): a reshape and contiguous() each
-        # cost a microsecond
+        return p.to(ct)  # (p itself when of the compute dtype; a reshape and contiguous() each
+        # cost a microsecond)
     return p.reshape(c).to(ct).contiguous()
 
 
@@ -329,7 +329,7 @@ class _BatchNormFast(torch.autograd.Function):
 
 
 def _grad_like(g: Tensor, p: Tensor) -> Tensor:
-    """A parameter's gradient (C,) in the compute dtype, as the parameter: its dtype and shape
+    """A parameter's gradient (C,) from the kernels, as the parameter: its dtype and shape
     (torch takes a weight of any shape with C elements)."""
     g = g if g.dtype == p.dtype else g.to(p.dtype)
     return g if p.dim() == 1 else g.view(p.shape)
