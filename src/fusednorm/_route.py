@@ -127,6 +127,13 @@ def route(*tensors: Tensor | None) -> str:
     return "kernels"
 
 
+def tensor_signature(t: Tensor | None) -> tuple | None:
+    """What tells a tensor argument apart in the launch plans' keys (with the input's own
+    shape, strides and dtype): a plan made for one signature serves every later call with it."""
+    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device,
+                                   t.requires_grad, t.is_neg())
+
+
 _ASYNC = "torch.distributed._functional_collectives.AsyncCollectiveTensor"
 
 

@@ -24,6 +24,7 @@ from fusednorm._backend import kernels, resolve
 from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
 from fusednorm._layout import as_ncs, from_layout, layout_strides
 from fusednorm._ops import dispatch, needs_grad
+from fusednorm._route import tensor_signature
 
 # ---------------------------------------------------------------------------------------------
 # Kernels behind torch.library ops. Eager code calls the *_impl functions directly; compiled
@@ -340,18 +341,13 @@ _batch_norm_fast = fast_apply(_BatchNormFast)
 _PLANS: dict[tuple, _BatchPlan] = {}
 
 
-def _signature(t):
-    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device,
-                                   t.requires_grad, t.is_neg())
-
-
 def _plan(input, running_mean, running_var, weight, bias, training, eps) -> _BatchPlan | None:
     """The plan of this signature (see row_norm.py's key for what tells tensors apart)."""
     try:
         key = (input.shape, input.stride(), input.dtype, input.device, input.requires_grad,
-               input.is_neg(), _signature(running_mean), _signature(running_var),
-               _signature(weight), _signature(bias), training, eps, torch.is_grad_enabled(),
-               _backend._current, casts(input.device.type))
+               input.is_neg(), tensor_signature(running_mean), tensor_signature(running_var),
+               tensor_signature(weight), tensor_signature(bias), training, eps,
+               torch.is_grad_enabled(), _backend._current, casts(input.device.type))
     except (RuntimeError, AttributeError):  # no strides (strided nested), not a tensor
         return None
     plan = _PLANS.get(key)

@@ -22,7 +22,7 @@ from fusednorm._channel_functions import BatchNormFn, BatchSpec, GroupNormFn, Gr
 from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
 from fusednorm._layout import as_ncs, from_layout, layout_strides
 from fusednorm._ops import dispatch, needs_grad
-from fusednorm._route import eager_only
+from fusednorm._route import eager_only, tensor_signature
 from fusednorm.batch_norms import (
     KernelParams,
     _BatchNorm,
@@ -249,11 +249,6 @@ _group_norm_fast = fast_apply(_GroupNormFast)
 _PLANS: dict[tuple, _GroupPlan] = {}
 
 
-def _tensor_signature(t):
-    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device,
-                                   t.requires_grad, t.is_neg())
-
-
 def _plan(input, num_groups, weight, bias, eps, silu) -> _GroupPlan:
     """The plan of this signature (see row_norm.py's key for what tells tensors apart)."""
     if type(input) is not Tensor:
@@ -261,8 +256,8 @@ def _plan(input, num_groups, weight, bias, eps, silu) -> _GroupPlan:
     device = input.device
     try:
         key = (input.shape, input.stride(), input.dtype, device, input.requires_grad,
-               input.is_neg(), num_groups, _tensor_signature(weight),
-               _tensor_signature(bias), eps, silu, torch.is_grad_enabled(), _backend._current,
+               input.is_neg(), num_groups, tensor_signature(weight),
+               tensor_signature(bias), eps, silu, torch.is_grad_enabled(), _backend._current,
                casts(device.type))
     except (RuntimeError, AttributeError):  # no strides (strided nested), no tensor
         return _GroupPlan(input, num_groups, weight, bias, eps, silu)

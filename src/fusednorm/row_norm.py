@@ -24,6 +24,7 @@ from fusednorm._autocast import autocast_cast, casts
 from fusednorm._autograd import unwrap_if_dead
 from fusednorm._backend import use_backend
 from fusednorm._checks import as_rows
+from fusednorm._route import tensor_signature
 from fusednorm._row_functions import RowNorm
 from fusednorm._row_ops import bwd_op as _bwd_op
 from fusednorm._row_ops import bwd_op_fusable as _bwd_op_fusable
@@ -41,11 +42,6 @@ _function_modes, _tracing_state = _route._function_modes, _route._tracing_state
 _forward_ad = torch.autograd.forward_ad
 _AUTOCAST_DEVICES = _autocast._FLOAT32_OPS  # (the devices whose autocast casts the norms)
 _MAX_PLANS = 4096
-
-
-def _tensor_signature(t):
-    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device,
-                                   t.requires_grad, t.is_neg())
 
 
 def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
@@ -71,8 +67,8 @@ def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, resid
         try:
             key = (is_rms, x.shape, x.stride(), x.dtype, device, x.requires_grad, x.is_neg(),
                    normalized_shape if type(normalized_shape) is not list
-                   else tuple(normalized_shape), _tensor_signature(weight),
-                   _tensor_signature(bias), _tensor_signature(residual), eps, dropout_p,
+                   else tuple(normalized_shape), tensor_signature(weight),
+                   tensor_signature(bias), tensor_signature(residual), eps, dropout_p,
                    residual_in_fp32, out_dtype, zero_centered, xhat_dtype, memory_efficient,
                    torch.is_grad_enabled(), _backend._current,
                    device.type in _AUTOCAST_DEVICES and casts(device.type))
