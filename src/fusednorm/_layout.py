@@ -56,6 +56,16 @@ def as_ncs(x: Tensor, prefer_channels_last: bool = False) -> tuple[Tensor, bool]
     return x.contiguous().as_strided((n, c, s), layout_strides((n, c, s), cl)), cl
 
 
+def read_in_place(x: Tensor, prefer_channels_last: bool = False) -> tuple[Tensor, bool] | None:
+    """`as_ncs(x)` where the kernels read x where it lies and their output, made like x
+    (`empty_like`), has the layout's strides; None where x would be copied into a layout (a
+    launch plan then leaves the call to the general path)."""
+    x3, cl = as_ncs(x, prefer_channels_last)
+    if x3.data_ptr() != x.data_ptr() or torch.empty_like(x).stride() != x.stride():
+        return None
+    return x3, cl
+
+
 def from_layout(t3: Tensor, shape: torch.Size) -> Tensor:
     """The kernels' (N, C, S) output viewed back as the input's shape."""
     return t3.view(shape) if t3.numel() else t3.reshape(shape)

@@ -22,7 +22,7 @@ from fusednorm._autocast import casts
 from fusednorm._autograd import fast_apply, unwrap_if_dead
 from fusednorm._backend import kernels, resolve
 from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
-from fusednorm._layout import as_ncs, from_layout, layout_strides
+from fusednorm._layout import as_ncs, from_layout, layout_strides, read_in_place
 from fusednorm._ops import dispatch, needs_grad
 from fusednorm._route import tensor_signature
 
@@ -260,9 +260,10 @@ class _BatchPlan:
                 or not _args_ok(x, running_mean, running_var, weight, bias, training, 0.0, eps)
                 or resolve(x) != "cpu" or x.numel() == 0):
             return
-        x3, cl = as_ncs(x, True)
-        if x3.data_ptr() != x.data_ptr() or torch.empty_like(x).stride() != x.stride():
+        in_place = read_in_place(x, True)
+        if in_place is None:
             return  # x is copied into a layout: the general path
+        x3, cl = in_place
         ct = compute_dtype(x.dtype)
         c = x.shape[1]
         self.ct, self.stride, self.training, self.eps = ct, x.stride(), training, float(eps)

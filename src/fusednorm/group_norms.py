@@ -20,7 +20,7 @@ from fusednorm._autograd import fast_apply, unwrap_if_dead
 from fusednorm._backend import kernels, resolve
 from fusednorm._channel_functions import BatchNormFn, BatchSpec, GroupNormFn, GroupSpec
 from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
-from fusednorm._layout import as_ncs, from_layout, layout_strides
+from fusednorm._layout import as_ncs, from_layout, layout_strides, read_in_place
 from fusednorm._ops import dispatch, needs_grad
 from fusednorm._route import eager_only, tensor_signature
 from fusednorm.batch_norms import (
@@ -200,9 +200,10 @@ class _GroupPlan:
         self.groups, self.eps, self.silu = num_groups, float(eps), silu
         if self.backend != "cpu" or x.numel() == 0 or self.autocast:
             return
-        x3, cl = as_ncs(x)
-        if x3.data_ptr() != x.data_ptr() or torch.empty_like(x).stride() != x.stride():
+        in_place = read_in_place(x)
+        if in_place is None:
             return  # x is copied into a layout: the general path
+        x3, cl = in_place
         ct = compute_dtype(x.dtype)
         c = x.shape[1]
         self.ct, self.stride = ct, x.stride()
