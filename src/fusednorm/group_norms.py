@@ -27,6 +27,7 @@ from fusednorm.batch_norms import (
     KernelParams,
     _BatchNorm,
     _copy,
+    _grad_like,
     _plain,
     affine_params,
     batch_norm_forward,
@@ -240,8 +241,8 @@ class _GroupNormFast(torch.autograd.Function):
         dx, dw, db = plan.kernels.backward(dy, x, w, b, stats)
         need = ctx.needs_input_grad
         return (dx if need[0] else None,
-                (dw if dw.dtype == weight.dtype else dw.to(weight.dtype)) if need[1] else None,
-                (db if db.dtype == bias.dtype else db.to(bias.dtype)) if need[2] else None, None)
+                _grad_like(dw, weight) if need[1] else None,
+                _grad_like(db, bias) if need[2] else None, None)
 
 
 _group_norm_fast = fast_apply(_GroupNormFast)

@@ -23,6 +23,7 @@ bfloat16 training steps only run where the CPU multiplies bfloat16 matrices. Var
 from __future__ import annotations
 
 import copy
+import importlib
 import statistics
 import time
 from collections.abc import Callable
@@ -47,7 +48,7 @@ class Unavailable(RuntimeError):
 
 def gpt2(dtype: torch.dtype) -> torch.nn.Module:
     """GPT-2 at width 768 (Post-LN inside each block's pre-norms: nn.LayerNorm), 4 layers."""
-    tf = _transformers()
+    tf = _library("transformers")
     config = tf.GPT2Config(n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS, n_positions=512,
                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return tf.GPT2LMHeadModel(config).to(dtype)
@@ -55,7 +56,7 @@ def gpt2(dtype: torch.dtype) -> torch.nn.Module:
 
 def llama(dtype: torch.dtype) -> torch.nn.Module:
     """A Llama-style model at width 768 (RMSNorm pre-norms), 4 layers."""
-    tf = _transformers()
+    tf = _library("transformers")
     config = tf.LlamaConfig(hidden_size=WIDTH, intermediate_size=2048, num_hidden_layers=LAYERS,
                             num_attention_heads=HEADS, num_key_value_heads=HEADS,
                             max_position_embeddings=512, vocab_size=32000)
@@ -65,7 +66,7 @@ def llama(dtype: torch.dtype) -> torch.nn.Module:
 def unet(dtype: torch.dtype) -> torch.nn.Module:
     """diffusers' UNet2DModel shaped like DDPM's CIFAR-10 model at half its width (channels
     64-128, two ResNet blocks per level, attention at 16×16; GroupNorm of 32 groups)."""
-    d = _diffusers()
+    d = _library("diffusers")
     return d.UNet2DModel(
         sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
         block_out_channels=(64, 128, 128, 128),
@@ -77,7 +78,7 @@ def vae(dtype: torch.dtype) -> torch.nn.Module:
     """diffusers' AutoencoderKL shaped like Stable Diffusion's at half its width (channels
     64-256, two ResNet blocks per level, attention in the middle blocks; GroupNorm of 32
     groups)."""
-    d = _diffusers()
+    d = _library("diffusers")
     return d.AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
         block_out_channels=(64, 128, 256, 256), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -95,22 +96,14 @@ VARIANTS = {"eager": (False, False), "fused": (False, True), "compiled": (True, 
 _NOTES = {"no-norm": "  (ceiling: no norm at all)", "copy": "  (noise: an unpatched copy)"}
 
 
-def _transformers():
+def _library(name: str):
+    """transformers or diffusers, quiet (the bench extra installs both)."""
     try:
-        import transformers
-    except ImportError as e:  # the bench extra installs it
-        raise Unavailable("needs transformers (pip install '.[bench]')") from e
-    transformers.logging.set_verbosity_error()
-    return transformers
-
-
-def _diffusers():
-    try:
-        import diffusers
-    except ImportError as e:  # the bench extra installs it
-        raise Unavailable("needs diffusers (pip install '.[bench]')") from e
-    diffusers.logging.set_verbosity_error()
-    return diffusers
+        module = importlib.import_module(name)
+    except ImportError as e:
+        raise Unavailable(f"needs {name} (pip install '.[bench]')") from e
+    module.logging.set_verbosity_error()
+    return module
 
 
 def workloads_of(model_name: str) -> dict[str, tuple[int, int, bool]]:
