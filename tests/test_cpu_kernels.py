@@ -547,6 +547,27 @@ def test_backward_is_deterministic_and_thread_count_independent(dtype):
             assert torch.equal(runs[0][k], run[k]), (threads, k)
 
 
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_plain_backward_rows_do_not_depend_on_the_batch(dtype, rms):
+    # The plain backward (dy and x read in place) goes a group of rows at a time, by column
+    # chunks: a row's dx must not depend on its group, its position or the batch, and the
+    # weight gradients not on the thread count. N = 1100: chunks of 512, 512 and 76 columns.
+    n = 1100
+    x, dy = randn(300, n, dtype=dtype), randn(300, n, dtype=dtype)
+    w, b = randn(n, dtype=dtype), None if rms else randn(n, dtype=dtype)
+    runs = []
+    for threads in THREAD_COUNTS:
+        with kernel_threads(threads):
+            runs.append(ours(x, w, b, rms=rms, dy=dy))
+    for run in runs[1:]:
+        for k in ("dx", "dw") + (() if rms else ("db",)):
+            assert torch.equal(runs[0][k], run[k]), k
+    for rows in (slice(0, 1), slice(13, 14), slice(7, 44), slice(299, 300)):
+        alone = ours(x[rows].clone(), w, b, rms=rms, dy=dy[rows].clone())
+        assert torch.equal(alone["dx"], runs[0]["dx"][rows]), rows
+
+
 def test_small_calls_run_serially_with_the_same_bits(monkeypatch):
     """Calls under the grain run on the calling thread; the same kernel body on torch's threads
     gives the same bits (the grain changes only where the work runs)."""

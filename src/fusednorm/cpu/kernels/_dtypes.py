@@ -121,6 +121,27 @@ def view(typingctx, a, off, n):
     return array_type(a, off, n), codegen
 
 
+def stack_array(count: int):
+    """An intrinsic `local(tag)`: `count` elements of tag's type on the calling kernel's stack,
+    allocated once in its entry block, for a few numbers per row that need no launcher's
+    scratch (and no allocation). The size is fixed here: an alloca of a run-time size inside a
+    loop would grow the stack at every iteration."""
+
+    @intrinsic
+    def local(typingctx, tag):
+        array_type = Raw(_dtype_of(tag))
+
+        def codegen(context, builder, sig, args):
+            ptr = cgutils.alloca_once(builder, context.get_data_type(array_type.dtype),
+                                      size=count)
+            return _array_at(context, builder, array_type, ptr,
+                             context.get_constant(types.intp, count))
+
+        return array_type(tag), codegen
+
+    return local
+
+
 @intrinsic
 def ints(typingctx, block, n):
     """The argument block's n slots as int64 (addresses, sizes, flags)."""

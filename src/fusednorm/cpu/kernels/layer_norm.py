@@ -10,6 +10,9 @@ How the work is laid out, and why:
   the input row itself when it is stored in that type, else a converted copy (half input, or
   h = residual + dropout(x) rounded to its storage type). The row is re-read from cache for the
   exact two-pass statistics.
+- Rows read in place (x, and the backward's dy) go a group of 16 rows at a time: the rows'
+  statistics or sums first, then the outputs by chunks of 512 columns, so that a chunk of the
+  weight and bias (and of the weight gradients' partial rows) stays in L1 over the group.
 - Only the sums are reassociated (`radd`, `rfma`: the flag on those instructions alone, to let
   LLVM vectorize them); their order then depends on N alone, so a row's result never depends
   on M or on its position.
@@ -38,6 +41,7 @@ from fusednorm.cpu.kernels._dtypes import (
     radd,
     rfma,
     round_to,
+    stack_array,
     storage_type,
     store,
     thread_id,
@@ -56,6 +60,10 @@ from fusednorm.cpu.layer_norm import (
     SCRATCH_ROWS,
 )
 
+# rows per group and columns per chunk where x (and dy) are read in place (see by_chunks), and
+# the numbers kept per row of a group: mean and rstd (and the backward's mean(g), mean(g·x̂))
+_GROUP, _CHUNK = 16, 512
+_group_numbers = stack_array(4 * _GROUP)
 _FMA = {"contract"}  # fused multiply-adds, no reordering (the sums reassociate by radd, rfma)
 
 # Philox-4x32-10 constants, as in Triton's tl.rand (so the two backends draw the same mask).
@@ -146,6 +154,7 @@ def build_fwd(compute, x, r, params, y, h, xhat):
     # The specialization's constants (numba prunes the branches they rule out):
     with_h, with_residual, x_in_place = ht is not None, rt is not None, xt == ct
     params_native, round_xhat = pt == ct, xhatt is not None
+    by_chunks = x_in_place and not with_h
     xhat_like = xhatt(0) if round_xhat else ct(0)
     csize = np.dtype(ct).itemsize
     size, eps_, p_, scale_ = len(FWD), *FWD.slots("eps", "p", "scale")
@@ -174,65 +183,92 @@ def build_fwd(compute, x, r, params, y, h, xhat):
         h_rows, r_rows = at(a[h_], m * n, ht), at(a[r_], (m - 1) * sr + n, rt)
         mean, rstd = at(a[mean_], m, ct), at(a[rstd_], m, ct)
         lo, hi = my_share(m)
-        for i in range(lo, hi):
-            xr = view(x_rows, i * sx, n)
-            if with_h:  # h = residual + dropout(x), rounded to its storage type before the norm
-                for j in range(n):
-                    buf[j] = load(xr, j)
-                if p > 0:
-                    _dropout_row(buf, n, i * n, p, scale, a[lo_], a[hi_])
-                if with_residual:
-                    rr = view(r_rows, i * sr, n)
+        # x read in place (see by_chunks), a group of rows at a time: the group's statistics,
+        # then y by column chunks, each chunk of the weight and bias kept in L1 over the group
+        group = _GROUP if by_chunks else hi - lo
+        coef = _group_numbers(ct)  # mean and rstd per row of the group
+        for g0 in range(lo, hi, group if group > 0 else 1):
+            g1 = g0 + group
+            g1 = g1 if g1 < hi else hi  # noqa: FURB136
+            for i in range(g0, g1):
+                xr = view(x_rows, i * sx, n)
+                if with_h:  # h = residual + dropout(x), rounded to its storage type, then normed
                     for j in range(n):
-                        buf[j] += load(rr, j)
-                hr = view(h_rows, i * n, n)
-                for j in range(n):
-                    store(hr, j, buf[j])
-                    buf[j] = load(hr, j)
-                row = buf
-            elif x_in_place:
-                row = xr
-            else:
-                for j in range(n):
-                    buf[j] = load(xr, j)
-                row = buf
-            # the statistics: Σx (Σx² for RMSNorm), then for LayerNorm the corrected two-pass
-            # variance: the deviations' own sum removes the rounding error of the first mean
-            # (Chan, Golub & LeVeque), which matters for rows far from zero (mean 1e4, unit
-            # spread). Outside the sums IEEE order: inf and NaN rows come out as torch's.
-            if is_rms:
-                s = row[0] * row[0]
-                for j in range(1, n):
-                    s = rfma(s, row[j], row[j])
-                mu, rs = zero, one / np.sqrt(s * inv_n + eps)
-            else:
-                s = row[0]
-                for j in range(1, n):
-                    s = radd(s, row[j])
-                mu = s * inv_n
-                d = row[0] - mu
-                sd, ss = d, d * d
-                for j in range(1, n):
-                    d = row[j] - mu
-                    sd = radd(sd, d)
-                    ss = rfma(ss, d, d)
-                var = (ss - sd * inv_n * sd) * inv_n
-                if var < zero:  # not max(): a NaN row must stay NaN
-                    var = zero
-                elif np.isinf(ss):  # squares overflowed: the variance is inf, not inf - inf
-                    var = ss
-                mu, rs = mu + sd * inv_n, one / np.sqrt(var + eps)
-            if stats:
-                if not is_rms:
-                    mean[i] = mu
-                rstd[i] = rs
-            yr = view(y_rows, i * n, n)
-            if round_xhat:  # x̂ rounded first: the cast order of Hugging Face's Llama and T5 norms
-                for j in range(n):
-                    store(yr, j, ct(round_to((row[j] - mu) * rs, xhat_like)) * weff[j] + beff[j])
-            else:
-                for j in range(n):
-                    store(yr, j, (row[j] - mu) * rs * weff[j] + beff[j])
+                        buf[j] = load(xr, j)
+                    if p > 0:
+                        _dropout_row(buf, n, i * n, p, scale, a[lo_], a[hi_])
+                    if with_residual:
+                        rr = view(r_rows, i * sr, n)
+                        for j in range(n):
+                            buf[j] += load(rr, j)
+                    hr = view(h_rows, i * n, n)
+                    for j in range(n):
+                        store(hr, j, buf[j])
+                        buf[j] = load(hr, j)
+                    row = buf
+                elif x_in_place:
+                    row = xr
+                else:
+                    for j in range(n):
+                        buf[j] = load(xr, j)
+                    row = buf
+                # the statistics: Σx (Σx² for RMSNorm), then for LayerNorm the corrected
+                # two-pass variance: the deviations' own sum removes the rounding error of the
+                # first mean (Chan, Golub & LeVeque), which matters for rows far from zero (mean
+                # 1e4, unit spread). Outside the sums IEEE order: inf and NaN rows come out as
+                # torch's.
+                if is_rms:
+                    s = row[0] * row[0]
+                    for j in range(1, n):
+                        s = rfma(s, row[j], row[j])
+                    mu, rs = zero, one / np.sqrt(s * inv_n + eps)
+                else:
+                    s = row[0]
+                    for j in range(1, n):
+                        s = radd(s, row[j])
+                    mu = s * inv_n
+                    d = row[0] - mu
+                    sd, ss = d, d * d
+                    for j in range(1, n):
+                        d = row[j] - mu
+                        sd = radd(sd, d)
+                        ss = rfma(ss, d, d)
+                    var = (ss - sd * inv_n * sd) * inv_n
+                    if var < zero:  # not max(): a NaN row must stay NaN
+                        var = zero
+                    elif np.isinf(ss):  # squares overflowed: the variance is inf, not inf - inf
+                        var = ss
+                    mu, rs = mu + sd * inv_n, one / np.sqrt(var + eps)
+                if stats:
+                    if not is_rms:
+                        mean[i] = mu
+                    rstd[i] = rs
+                if by_chunks:
+                    coef[2 * (i - g0)], coef[2 * (i - g0) + 1] = mu, rs
+                    continue
+                yr = view(y_rows, i * n, n)
+                if round_xhat:  # x̂ rounded first: the cast order of Hugging Face's Llama, T5
+                    for j in range(n):
+                        store(yr, j, ct(round_to((row[j] - mu) * rs, xhat_like)) * weff[j]
+                              + beff[j])
+                else:
+                    for j in range(n):
+                        store(yr, j, (row[j] - mu) * rs * weff[j] + beff[j])
+            if by_chunks:
+                for c0 in range(0, n, _CHUNK):
+                    c1 = c0 + _CHUNK
+                    c = (c1 if c1 < n else n) - c0  # noqa: FURB136
+                    wc, bc = view(weff, c0, c), view(beff, c0, c)
+                    for i in range(g0, g1):
+                        mu, rs = coef[2 * (i - g0)], coef[2 * (i - g0) + 1]
+                        xc, yc = view(x_rows, i * sx + c0, c), view(y_rows, i * n + c0, c)
+                        if round_xhat:
+                            for j in range(c):
+                                store(yc, j, ct(round_to((xc[j] - mu) * rs, xhat_like)) * wc[j]
+                                      + bc[j])
+                        else:
+                            for j in range(c):
+                                store(yc, j, (xc[j] - mu) * rs * wc[j] + bc[j])
 
     return cfunc(entry, fastmath=_FMA)
 
@@ -255,6 +291,9 @@ def build_bwd(compute, dy, hs, params, dho, dx, dr, dropout, from_output):
     with_dh, with_dres = dhot is not None, drt is not None
     dx_direct = not (with_dh or with_dres or with_dropout)  # dx straight to its output
     dy_in_place, saved_in_place, params_native = dyt == ct, hst == ct, pt == ct
+    # dx straight from dy and x read where they lie: the weight gradients and dx by column
+    # chunks over a group of rows (see the loop)
+    by_chunks = dx_direct and dy_in_place and saved_in_place and not output_mode
     csize = np.dtype(ct).itemsize
     size, p_, scale_ = len(BWD), *BWD.slots("p", "scale")
     dy_, hs_, w_, b_, mean_, rstd_, dho_, dx_, dr_, parts_, dw_, db_, scr_ = BWD.slots(
@@ -297,69 +336,121 @@ def build_bwd(compute, dy, hs, params, dho, dx, dr, dropout, from_output):
                 for j in range(n):
                     db_blk[j] = zero
             end = (blk + 1) * per  # (not min(): a numba function of its own to compile)
-            for i in range(blk * per, end if end < m else m):  # noqa: FURB136
-                if dy_in_place:
-                    d = view(dy_rows, i * sdy, n)
-                else:
-                    dyr = view(dy_rows, i * sdy, n)
-                    for j in range(n):
-                        gb[j] = load(dyr, j)
-                    d = gb
-                if saved_in_place:
-                    row = view(hs_rows, i * shs, n)
-                else:
-                    hsr = view(hs_rows, i * shs, n)
-                    for j in range(n):
-                        ob[j] = load(hsr, j)
-                    row = ob
-                rs = rstd[i]
-                if output_mode:  # row is y: x̂ = (y - b) / w_eff, then taken as it is below
-                    for j in range(n):
-                        tb[j] = (row[j] - beff[j]) / weff[j]
-                    row, mu, r = tb, zero, one
-                else:
-                    mu, r = zero if is_rms else mean[i], rs
-                # one pass: xh = x̂ and the sums (Σ g, Σ g·x̂), g = dy·w_eff
-                x0 = (row[0] - mu) * r
-                xh[0] = x0
-                g = d[0] * weff[0]
-                sg, sgx = g, g * x0
-                for j in range(1, n):
-                    xj = (row[j] - mu) * r
-                    xh[j] = xj
-                    g = d[j] * weff[j]
-                    sg = radd(sg, g)
-                    sgx = rfma(sgx, g, xj)
-                # (apart from the pass above: LLVM vectorizes behind run-time alias checks, one
-                # per pair of arrays, and gives up past a handful of pairs)
-                if acc == 2:
-                    for j in range(n):
-                        dw_blk[j] += d[j] * xh[j]
-                        db_blk[j] += d[j]
-                elif acc == 1:
-                    for j in range(n):
-                        dw_blk[j] += d[j] * xh[j]
-                mg, mgx = zero if is_rms else sg * inv_n, sgx * inv_n
-                if dx_direct:
-                    o = view(dx_rows, i * n, n)
-                    for j in range(n):
-                        store(o, j, rs * (d[j] * weff[j] - mg - xh[j] * mgx))
-                else:  # dh = dnorm + dh_out; dresidual = dh; dx = dropout'(dh)
-                    for j in range(n):
-                        tb[j] = rs * (d[j] * weff[j] - mg - xh[j] * mgx)
-                    if with_dh:
-                        hr = view(dho_rows, i * sdho, n)
+            end = end if end < m else m  # noqa: FURB136
+            if by_chunks:
+                # The rows' sums first, a group of rows at a time; then, chunk by chunk of
+                # columns, each row's weight gradients and dx. The chunk of the partial rows and
+                # of the weight stays in L1 over the group, where one row after another
+                # (x, dy, x̂, dx and two partial rows: 7 rows of N) went through L2: the
+                # single-thread backward was bound by L2's bandwidth. Same sums, same order.
+                coef = _group_numbers(ct)  # mean, rstd, mean(g), mean(g·x̂) per row
+                for g0 in range(blk * per, end, _GROUP):
+                    g1 = g0 + _GROUP
+                    g1 = g1 if g1 < end else end  # noqa: FURB136
+                    for i in range(g0, g1):
+                        d = view(dy_rows, i * sdy, n)
+                        row = view(hs_rows, i * shs, n)
+                        rs = rstd[i]
+                        mu = zero if is_rms else mean[i]
+                        x0 = (row[0] - mu) * rs
+                        sg = d[0] * weff[0]
+                        sgx = sg * x0
+                        for j in range(1, n):
+                            g = d[j] * weff[j]
+                            sg = radd(sg, g)
+                            sgx = rfma(sgx, g, (row[j] - mu) * rs)
+                        k = 4 * (i - g0)
+                        coef[k] = mu
+                        coef[k + 1] = rs
+                        coef[k + 2] = zero if is_rms else sg * inv_n
+                        coef[k + 3] = sgx * inv_n
+                    for c0 in range(0, n, _CHUNK):
+                        c1 = c0 + _CHUNK
+                        c = (c1 if c1 < n else n) - c0  # noqa: FURB136
+                        wc = view(weff, c0, c)
+                        dwc, dbc = view(dw_blk, c0, c), view(db_blk, c0, c)
+                        for i in range(g0, g1):
+                            k = 4 * (i - g0)
+                            mu = coef[k]
+                            rs = coef[k + 1]
+                            mg = coef[k + 2]
+                            mgx = coef[k + 3]
+                            d = view(dy_rows, i * sdy + c0, c)
+                            row = view(hs_rows, i * shs + c0, c)
+                            if acc == 2:
+                                for j in range(c):
+                                    dwc[j] += d[j] * ((row[j] - mu) * rs)
+                                    dbc[j] += d[j]
+                            elif acc == 1:
+                                for j in range(c):
+                                    dwc[j] += d[j] * ((row[j] - mu) * rs)
+                            o = view(dx_rows, i * n + c0, c)
+                            for j in range(c):
+                                store(o, j, rs * (d[j] * wc[j] - mg - ((row[j] - mu) * rs) * mgx))
+            else:
+                for i in range(blk * per, end):
+                    if dy_in_place:
+                        d = view(dy_rows, i * sdy, n)
+                    else:
+                        dyr = view(dy_rows, i * sdy, n)
                         for j in range(n):
-                            tb[j] += load(hr, j)
-                    if with_dres:
-                        o = view(dr_rows, i * n, n)
+                            gb[j] = load(dyr, j)
+                        d = gb
+                    if saved_in_place:
+                        row = view(hs_rows, i * shs, n)
+                    else:
+                        hsr = view(hs_rows, i * shs, n)
+                        for j in range(n):
+                            ob[j] = load(hsr, j)
+                        row = ob
+                    rs = rstd[i]
+                    if output_mode:  # row is y: x̂ = (y - b) / w_eff, then taken as it is below
+                        for j in range(n):
+                            tb[j] = (row[j] - beff[j]) / weff[j]
+                        row, mu, r = tb, zero, one
+                    else:
+                        mu, r = zero if is_rms else mean[i], rs
+                    # one pass: xh = x̂ and the sums (Σ g, Σ g·x̂), g = dy·w_eff
+                    x0 = (row[0] - mu) * r
+                    xh[0] = x0
+                    g = d[0] * weff[0]
+                    sg, sgx = g, g * x0
+                    for j in range(1, n):
+                        xj = (row[j] - mu) * r
+                        xh[j] = xj
+                        g = d[j] * weff[j]
+                        sg = radd(sg, g)
+                        sgx = rfma(sgx, g, xj)
+                    # (apart from the pass above: LLVM vectorizes behind run-time alias checks, one
+                    # per pair of arrays, and gives up past a handful of pairs)
+                    if acc == 2:
+                        for j in range(n):
+                            dw_blk[j] += d[j] * xh[j]
+                            db_blk[j] += d[j]
+                    elif acc == 1:
+                        for j in range(n):
+                            dw_blk[j] += d[j] * xh[j]
+                    mg, mgx = zero if is_rms else sg * inv_n, sgx * inv_n
+                    if dx_direct:
+                        o = view(dx_rows, i * n, n)
+                        for j in range(n):
+                            store(o, j, rs * (d[j] * weff[j] - mg - xh[j] * mgx))
+                    else:  # dh = dnorm + dh_out; dresidual = dh; dx = dropout'(dh)
+                        for j in range(n):
+                            tb[j] = rs * (d[j] * weff[j] - mg - xh[j] * mgx)
+                        if with_dh:
+                            hr = view(dho_rows, i * sdho, n)
+                            for j in range(n):
+                                tb[j] += load(hr, j)
+                        if with_dres:
+                            o = view(dr_rows, i * n, n)
+                            for j in range(n):
+                                store(o, j, tb[j])
+                        if with_dropout:
+                            _dropout_row(tb, n, i * n, p, scale, a[lo_], a[hi_])
+                        o = view(dx_rows, i * n, n)
                         for j in range(n):
                             store(o, j, tb[j])
-                    if with_dropout:
-                        _dropout_row(tb, n, i * n, p, scale, a[lo_], a[hi_])
-                    o = view(dx_rows, i * n, n)
-                    for j in range(n):
-                        store(o, j, tb[j])
         if acc > 0:
             barrier()  # every partial row is complete; then each thread sums its columns, the
             c0, c1 = my_share(n)  # partial rows in the order k = 0, 1, ... (deterministic),
