@@ -263,3 +263,14 @@ def kernel_threads(k: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def pilot_outliers(samples, rows, channels, span_rows, value=1e3):
+    """(samples, rows, channels) of mean 0 and unit spread, except `value` in the rows the
+    channels-last statistics take their pilot values from: the first, middle and last rows of
+    each span of span_rows rows of a sample."""
+    x = randn(samples, rows, channels)
+    for r0 in range(0, rows, span_rows):
+        k = min(span_rows, rows - r0)
+        x[:, [r0, r0 + k // 2, r0 + k - 1]] = value
+    return x

@@ -18,6 +18,7 @@ from helpers import (
     device_for,
     inf_running_mean_differs,
     kernel_threads,
+    pilot_outliers,
     randn,
     run_three,
     ulps_for,
@@ -25,6 +26,7 @@ from helpers import (
 
 import fusednorm
 from fusednorm.batch_norms import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
+from fusednorm.cpu._channels import cl_rows
 from fusednorm.reference import batch_norm_ref
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -202,8 +204,19 @@ def test_transposed_input_reads_channels_innermost():
     check(x, randn(6), randn(6), "cpu", running_stats(6, torch.float32, "cpu"))
 
 
-def test_large_mean_is_stable():
-    check(randn(8, 4, 16, 16, mean=1e4), randn(4), randn(4))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_large_mean_is_stable(channels_last):
+    x = randn(8, 4, 16, 16, mean=1e4)
+    check(x.to(memory_format=torch.channels_last) if channels_last else x, randn(4), randn(4))
+
+
+def test_channels_last_statistics_far_from_their_pilot_values():
+    # as test_group_norm's: BatchNorm's channels-last statistics are those of one sample of
+    # all N·H·W rows
+    n, c, h, w = 2, 8, 32, 40
+    x = pilot_outliers(1, n * h * w, c, cl_rows(c))
+    check(x.view(n, h, w, c).permute(0, 3, 1, 2), randn(c), randn(c), "cpu",
+          running_stats(c, torch.float32, "cpu"))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -21,12 +21,14 @@ from helpers import (
     determinism_backends,
     device_for,
     kernel_threads,
+    pilot_outliers,
     randn,
     run_three,
     ulps_for,
 )
 
 import fusednorm
+from fusednorm.cpu._channels import cl_rows
 from fusednorm.group_norms import GroupNorm, InstanceNorm2d, group_norm
 from fusednorm.reference import group_norm_ref
 
@@ -164,12 +166,24 @@ def test_fused_silu(backend, dtype, channels_last):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_large_mean_is_stable(dtype):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_large_mean_is_stable(dtype, channels_last):
     # mean 1e4 with unit spread: E[x²] − E[x]² would lose every digit in float32
     x = randn(2, 8, 16, 16, dtype=torch.float32, mean=1e4).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     # the float32 computation's own error is relative to the input (1e4), not to y: more than an
     # ulp of y in bfloat16; torch's error, which is as large, is the bound
     assert_three(run_group_norm(x, 2, randn(8), randn(8)), dtype, ulps=None)
+
+
+def test_channels_last_statistics_far_from_their_pilot_values():
+    # Each span's sums are taken about a pilot value; where it lies far from the channel's
+    # mean (here 1e3 against a mean near 0 and a spread near 54), sums about it would amplify
+    # their rounding ~300x, where torch's own E[x²] - E[x]² is accurate: they are taken again.
+    n, c, h, w = 2, 8, 32, 40
+    x = pilot_outliers(n, h * w, c, cl_rows(c))
+    check(x.view(n, h, w, c).permute(0, 3, 1, 2), 2, randn(c), randn(c))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

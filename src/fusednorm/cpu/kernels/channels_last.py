@@ -6,11 +6,12 @@ one sample of all N·S rows with a group per channel (and, in eval mode, statist
 
 How the work is laid out, and why:
 - A sample's rows are cut into spans of `rows` rows (about 128 KiB of float32: a task, and a
-  piece of the statistics, read twice from L2), from the shape alone. The loops run along
+  piece of the statistics), from the shape alone. The loops run along
   channels (contiguous) row after row, so every per-channel sum is in row order and vectorizes
   across channels without reassociation.
-- Forward, three steps: (0) each span's moments per channel, by a corrected two-pass (the
-  channel's mean, then the deviations' sums: `moments`, float64); (1) per (sample, group), its
+- Forward, three steps: (0) each span's moments per channel, in one read of the span: the sums
+  of the deviations from a pilot value, corrected as a provisional mean's (`moments`, float64),
+  again about their mean where the pilot lies far from it; (1) per (sample, group), its
   channels' span moments merged span by span, channel by channel (`chan`, float64), then each
   channel's scale and shift; (2) y = x·scale + shift (SiLU fused), span by span.
 - Backward: (0) per span, Σg and Σg·(x - mean) per channel (g = dy, or dy·silu'(z) with z
@@ -46,6 +47,9 @@ from fusednorm.cpu.kernels._dtypes import (
     thread_id,
     view,
 )
+
+# a pilot value this far from the mean: (Σd)² / k > _FAR · Σd² (Σd² > 8x the sum about the mean)
+_FAR = 7.0 / 8.0
 
 
 def build_fwd(compute, x, params, activation):
@@ -118,23 +122,38 @@ def build_fwd(compute, x, params, activation):
                                 for c in range(c_):
                                     store(yr, c, load(xr, c) * sc[c] + sh[c])
                         continue
-                    # step 0: the span's moments per channel, a corrected two-pass
+                    # step 0: the span's moments per channel, from the sums of the deviations
+                    # from a pilot value, which `moments` corrects as a provisional mean's. The
+                    # pilot: the median of the span's first, middle and last rows (0 if not
+                    # finite), so that x is read once where torch's statistics read it once
+                    # (the span's own mean first made it twice). Where a pilot falls far from
+                    # its channel's mean (Σd² over 8x the deviations' sum of squares about the
+                    # mean: rounding errors amplified 8x), the sums are taken again about the
+                    # mean they give, as the exact two-pass would.
+                    mid, last = idiv(nr, 2) * c_, (nr - 1) * c_
                     for c in range(c_):
-                        cm[c] = zero
-                    for q in range(nr):
-                        xr = view(xs, q * c_, c_)
+                        k0, k1, k2 = load(xs, c), load(xs, mid + c), load(xs, last + c)
+                        lo_, hi_ = (k0, k1) if k0 < k1 else (k1, k0)
+                        k1 = hi_ if hi_ < k2 else k2  # noqa: FURB136
+                        k0 = lo_ if lo_ > k1 else k1  # noqa: FURB136
+                        cm[c] = k0 if k0 - k0 == zero else zero
+                    for _ in range(3):  # (twice at most, in practice)
                         for c in range(c_):
-                            cm[c] += load(xr, c)
-                    for c in range(c_):
-                        cm[c] /= ct(nr)
-                        sd[c] = zero
-                        ss[c] = zero
-                    for q in range(nr):
-                        xr = view(xs, q * c_, c_)
+                            sd[c] = zero
+                            ss[c] = zero
+                        for q in range(nr):
+                            xr = view(xs, q * c_, c_)
+                            for c in range(c_):
+                                d = load(xr, c) - cm[c]
+                                sd[c] += d
+                                ss[c] += d * d
+                        far = False
                         for c in range(c_):
-                            d = load(xr, c) - cm[c]
-                            sd[c] += d
-                            ss[c] += d * d
+                            if sd[c] * sd[c] > _FAR * ct(nr) * ss[c]:  # (False for inf, NaN)
+                                far = True
+                                cm[c] += sd[c] / ct(nr)
+                        if not far:
+                            break
                     p = view(pieces, t * 2 * c_, 2 * c_)
                     for c in range(c_):
                         p[c], p[c_ + c] = moments(cm[c], sd[c], ss[c], nr)
