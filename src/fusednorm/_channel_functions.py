@@ -119,11 +119,11 @@ class GroupNormFn(Function):
     @staticmethod
     def forward(x, weight, bias, spec):
         gn = _group_norms()
-        x3, cl = as_ncs(x)
+        x3, cl = as_ncs(x, "group")
         w, b = _params(weight, bias, x3.shape[1], x)
         y3, mean, var = op_or_impl(gn._fwd_op, gn._fwd_impl, x)(
             x3, w, b, spec.groups, spec.eps, spec.silu, cl, spec.backend)
-        return from_layout(y3, x.shape), mean, var
+        return from_layout(y3, x, "group"), mean, var
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -192,13 +192,13 @@ class GroupNormBackward(Function):
     @staticmethod
     def forward(dy, x, weight, bias, mean, var, spec, need_w):
         gn = _group_norms()
-        x3, cl = as_ncs(x)
+        x3, cl = as_ncs(x, "group")
         w, b = _params(weight, bias, x3.shape[1], x)
         dx3, dw, db = op_or_impl(gn._bwd_op, gn._bwd_impl, dy)(
             dy.reshape(x3.shape), x3, w, b, mean, var, spec.groups, spec.eps, spec.silu, cl,
             spec.backend)
         empty = dy.new_empty((0,))
-        return (from_layout(dx3, x.shape),
+        return (from_layout(dx3, x, "group"),
                 dw.to(weight.dtype) if need_w and weight is not None else empty,
                 db.to(bias.dtype) if need_w and bias is not None else empty)
 
@@ -265,7 +265,7 @@ class BatchNormFn(Function):
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, spec):
         bn = _batch_norms()
-        x3, cl = as_ncs(x, True)
+        x3, cl = as_ncs(x, "batch")
         ct = compute_dtype(x.dtype)
         w, b = _params(weight, bias, x3.shape[1], x)
         rm = rv = None
@@ -275,7 +275,7 @@ class BatchNormFn(Function):
                                                                 spec.backend)
         if not spec.training:
             mean, var = rm.clone(), rv.clone()
-        return from_layout(y3, x.shape), mean, var
+        return from_layout(y3, x, "batch"), mean, var
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -334,13 +334,13 @@ class BatchNormBackward(Function):
     @staticmethod
     def forward(dy, x, weight, bias, mean, var, spec, need_w):
         bn = _batch_norms()
-        x3, cl = as_ncs(x, True)
+        x3, cl = as_ncs(x, "batch")
         w, b = _params(weight, bias, x3.shape[1], x)
         dx3, dw, db = op_or_impl(bn._bwd_op, bn._bwd_impl, dy)(
             dy.reshape(x3.shape), x3, w, b, mean, var, spec.eps, spec.training, cl,
             spec.backend)
         empty = dy.new_empty((0,))
-        return (from_layout(dx3, x.shape),
+        return (from_layout(dx3, x, "batch"),
                 dw.to(weight.dtype).view(weight.shape) if need_w and weight is not None
                 else empty,
                 db.to(bias.dtype).view(bias.shape) if need_w and bias is not None else empty)

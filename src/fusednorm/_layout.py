@@ -1,8 +1,9 @@
 """The two layouts the channel-norm kernels read, shared by the op layer and every backend.
 
 The channel norms view their input as (N, C, S), S the product of the spatial sizes, either
-channels first (contiguous) or channels innermost (channels_last, or a transposed (N, L, C)
-tensor), and answer in the same layout.
+channels first (contiguous) or channels innermost (channels_last), the layout of torch's own
+output for that input and norm (`torch_channels_last`): x is read in place where it lies in
+that layout, else copied into it as torch copies it, and the output has torch's strides.
 """
 
 from __future__ import annotations
@@ -37,35 +38,86 @@ def empty_layout(x: Tensor, channels_last: bool, dtype: torch.dtype | None = Non
                                dtype=dtype or x.dtype, device=x.device)
 
 
-def as_ncs(x: Tensor, prefer_channels_last: bool = False) -> tuple[Tensor, bool]:
-    """x (N, C, *) as an (N, C, S) view, and whether its channels are innermost.
+def torch_channels_last(x: Tensor, norm: str) -> bool:
+    """Whether torch's own op answers x channels last (the kernels then read and write channels
+    innermost; else channels first), by torch's CPU rules, checked against its ops for every
+    arrangement of 4-D and 5-D strides: group_norm answers in x's suggested memory format,
+    batch_norm channels last where x is channels-last contiguous and not contiguous,
+    instance_norm never (it normalizes a contiguous view). A transposed (N, L, C) tensor is
+    answered contiguous by all three (an output in another layout than torch's fails a view
+    torch's allows, and makes the layers after it run in that layout)."""
+    if x.dim() not in (4, 5) or norm == "instance":
+        return False
+    if norm == "group":
+        return _strides_like_channels_last(x.shape, x.stride())
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
 
-    Channels-innermost input (channels_last, or a transposed (N, L, C) tensor) is read in place
-    by the channels-last kernels; anything else is made contiguous. With one position per
-    channel both layouts are the same memory: `prefer_channels_last` picks.
-    """
+
+def _strides_like_channels_last(shape, strides) -> bool:
+    """torch's `suggest_memory_format` test of a 4-D or 5-D tensor (c10's
+    is_channels_last_strides_2d/3d): strides increasing along C, the spatial dims from the
+    last, then N, where a size-1 dim does not count for the next one's bound and an N stride
+    equal to C's reads as contiguous. (Here rather than torch's Python copy of it, which reads
+    `layout`: compiled graphs may not, inside an autograd.Function.)"""
+    if strides[1] == 0:
+        return False
+    low = 0
+    for d in (1, *range(len(shape) - 1, 1, -1), 0):
+        if shape[d] == 0 or strides[d] < low or (d == 0 and low == strides[1]):
+            return False
+        low = strides[d] * shape[d] if shape[d] > 1 else strides[d]
+    return True
+
+
+def torch_strides(x: Tensor, norm: str) -> tuple[int, ...]:
+    """The strides of torch's output for x: its memory format's (`torch_channels_last`), a
+    size-1 dim's stride included."""
+    if torch_channels_last(x, norm):  # channels innermost, then the spatial dims, then N
+        order = (1, *range(x.dim() - 1, 1, -1), 0)
+    else:
+        order = tuple(range(x.dim() - 1, -1, -1))
+    strides, step = [0] * x.dim(), 1
+    for d in order:
+        strides[d] = step
+        step *= max(x.shape[d], 1)
+    return tuple(strides)
+
+
+def as_ncs(x: Tensor, norm: str) -> tuple[Tensor, bool]:
+    """x (N, C, *) as an (N, C, S) view, and whether its channels are innermost: the layout of
+    torch's output for `norm` ("group", "batch" or "instance"; see `torch_channels_last`), x
+    read in place where its memory is in it, else copied into it. With one position per channel
+    both layouts are the same memory: BatchNorm reads it channels last (rows of C)."""
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // (n * c) if n * c else 1
-    if x.is_contiguous() and (s > 1 or not prefer_channels_last):
-        return x.view(n, c, s), False  # the common case, without the checks below
+    cl = norm == "batch" if s == 1 else torch_channels_last(x, norm)
+    if not cl:
+        return (x if x.is_contiguous() else x.contiguous()).view(n, c, s), False
     x3 = x.reshape(n, c, s)
-    # a size-1 batch dim may have any stride (a slice x[i:i + 1] of a channels_last batch)
-    if c > 1 and s > 1 and in_layout(x3, True):
+    # (a size-1 batch dim may have any stride: a slice x[i:i + 1] of a channels_last batch)
+    if in_layout(x3, True) and x3.data_ptr() == x.data_ptr():
         return x3, True
-    cl = s == 1 and prefer_channels_last
-    return x.contiguous().as_strided((n, c, s), layout_strides((n, c, s), cl)), cl
+    if x.dim() in (4, 5):  # strided channels last, copied as torch copies it
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        return x.contiguous(memory_format=fmt).reshape(n, c, s), True
+    return conform(x3, True), True
 
 
-def read_in_place(x: Tensor, prefer_channels_last: bool = False) -> tuple[Tensor, bool] | None:
-    """`as_ncs(x)` where the kernels read x where it lies and their output, made like x
-    (`empty_like`), has the layout's strides; None where x would be copied into a layout (a
-    launch plan then leaves the call to the general path)."""
-    x3, cl = as_ncs(x, prefer_channels_last)
-    if x3.data_ptr() != x.data_ptr() or torch.empty_like(x).stride() != x.stride():
+def read_in_place(x: Tensor, norm: str) -> tuple[Tensor, bool] | None:
+    """`as_ncs(x, norm)` where the kernels read x where it lies and their output, made like x
+    (`empty_like`), has torch's strides; None where x would be copied into a layout (a launch
+    plan then leaves the call to the general path)."""
+    x3, cl = as_ncs(x, norm)
+    if x3.data_ptr() != x.data_ptr() or x.stride() != torch_strides(x, norm):
         return None
     return x3, cl
 
 
-def from_layout(t3: Tensor, shape: torch.Size) -> Tensor:
-    """The kernels' (N, C, S) output viewed back as the input's shape."""
-    return t3.view(shape) if t3.numel() else t3.reshape(shape)
+def from_layout(t3: Tensor, x: Tensor, norm: str) -> Tensor:
+    """The kernels' (N, C, S) output (or gradient) as torch's for x: x's shape, torch's strides
+    (the view's differ at most in size-1 dims), and no view: an autograd Function's output that
+    is a view cannot be modified in place (a ReLU(inplace=True) after the norm)."""
+    y = t3.view(x.shape) if t3.numel() else t3.reshape(x.shape)
+    strides = torch_strides(x, norm)
+    return (y if y.stride() == strides else y.as_strided(x.shape, strides)).detach()

@@ -101,10 +101,11 @@ def _param(p: Tensor | None, c: int, ct: torch.dtype, device: torch.device, fill
 
 
 
-def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, prefer_cl,
+def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, norm,
                        backend):
-    """(y, batch mean, batch var, what the backward needs): the forward without autograd."""
-    x3, cl = as_ncs(x, prefer_cl)
+    """(y, batch mean, batch var, what the backward needs): the forward without autograd;
+    norm: "batch", or "instance" for instance_norm with running statistics (y's layout)."""
+    x3, cl = as_ncs(x, norm)
     ct = compute_dtype(x.dtype)
     w, b = affine_params(weight, bias, x3.shape[1], ct, x.device)
     if training:
@@ -114,30 +115,30 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps
     y3, bmean, bvar = dispatch(_fwd_op, _fwd_impl, x3, w, b, mean, var, eps, cl, backend)
     if training:
         mean, var = bmean, bvar
-    return from_layout(y3, x.shape), bmean, bvar, (x3, w, b, mean, var, cl)
+    return from_layout(y3, x, norm), bmean, bvar, (x3, w, b, mean, var, cl)
 
 
 class _BatchNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, prefer_cl,
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, norm,
                 backend):
         y, bmean, bvar, (x3, w, b, mean, var, cl) = batch_norm_forward(
-            x, weight, bias, running_mean, running_var, training, eps, prefer_cl, backend)
+            x, weight, bias, running_mean, running_var, training, eps, norm, backend)
         ctx.save_for_backward(x, x3, w, b, mean, var, weight, bias)
-        ctx.config = (training, eps, cl, backend, x.shape)
+        ctx.config = (training, eps, cl, backend, norm)
         ctx.mark_non_differentiable(bmean, bvar)
         return y, bmean, bvar
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
         x, x3, w, b, mean, var, weight, bias = ctx.saved_tensors
-        training, eps, cl, backend, shape = ctx.config
+        training, eps, cl, backend, norm = ctx.config
         if torch.is_grad_enabled():
             return _double_backward_ready(ctx, x, weight, bias, mean, var, dy)
         dx3, dw, db = dispatch(_bwd_op, _bwd_impl, dy.reshape(x3.shape), x3, w, b, mean, var, eps,
                                training, cl, backend)
         return (
-            from_layout(dx3, shape) if ctx.needs_input_grad[0] else None,
+            from_layout(dx3, x, norm) if ctx.needs_input_grad[0] else None,
             dw.to(weight.dtype).view(weight.shape) if ctx.needs_input_grad[1] else None,
             db.to(bias.dtype).view(bias.shape) if ctx.needs_input_grad[2] else None,
         ) + (None,) * 6
@@ -260,7 +261,7 @@ class _BatchPlan:
                 or not _args_ok(x, running_mean, running_var, weight, bias, training, 0.0, eps)
                 or resolve(x) != "cpu" or x.numel() == 0):
             return
-        in_place = read_in_place(x, True)
+        in_place = read_in_place(x, "batch")
         if in_place is None:
             return  # x is copied into a layout: the general path
         x3, cl = in_place
@@ -387,8 +388,9 @@ def batch_norm(
 ) -> Tensor:
     """``torch.nn.functional.batch_norm`` on fusednorm's kernels.
 
-    Channels-last input gives channels-last output. In training the running statistics, when
-    given, are updated in place with the batch mean and unbiased variance.
+    The output has torch's layout: channels last for channels-last (not contiguous) input, else
+    contiguous. In training the running statistics, when given, are updated in place with the
+    batch mean and unbiased variance.
     """
     # the common call first: plain tensors in a plain state, on the plan of their signature
     if (type(input) is Tensor and type(momentum) is float and not torch.compiler.is_compiling()
@@ -418,7 +420,8 @@ def batch_norm(
 
         spec = BatchSpec(training, float(eps), backend)
         return BatchNormFn.apply(input, weight, bias, running_mean, running_var, spec)[0]
-    args = (input, weight, bias, running_mean, running_var, training, float(eps), True, backend)
+    args = (input, weight, bias, running_mean, running_var, training, float(eps), "batch",
+            backend)
     if needs_grad(input, weight, bias):
         y, mean, var = _BatchNorm.apply(*args)
     else:

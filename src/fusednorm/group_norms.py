@@ -20,7 +20,7 @@ from fusednorm._autograd import fast_apply, unwrap_if_dead
 from fusednorm._backend import kernels, resolve
 from fusednorm._channel_functions import BatchNormFn, BatchSpec, GroupNormFn, GroupSpec
 from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
-from fusednorm._layout import as_ncs, from_layout, layout_strides, read_in_place
+from fusednorm._layout import as_ncs, from_layout, layout_strides, read_in_place, torch_strides
 from fusednorm._ops import dispatch, needs_grad
 from fusednorm._route import eager_only, tensor_signature
 from fusednorm.batch_norms import (
@@ -94,10 +94,10 @@ def _(dy, x, weight, bias, mean, var, groups, eps, silu, channels_last, backend)
 
 def _forward(x, weight, bias, groups, eps, silu, backend):
     """(y, mean, var, what the backward needs): the forward without autograd."""
-    x3, cl = as_ncs(x)
+    x3, cl = as_ncs(x, "group")
     w, b = affine_params(weight, bias, x3.shape[1], compute_dtype(x.dtype), x.device)
     y3, mean, var = dispatch(_fwd_op, _fwd_impl, x3, w, b, groups, eps, silu, cl, backend)
-    return from_layout(y3, x.shape), mean, var, (x3, w, b, cl)
+    return from_layout(y3, x, "group"), mean, var, (x3, w, b, cl)
 
 
 def _group_norm(x, weight, bias, groups, eps, silu, backend):
@@ -112,20 +112,20 @@ class _GroupNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, groups, eps, silu, backend):
         y, mean, var, (x3, w, b, cl) = _forward(x, weight, bias, groups, eps, silu, backend)
         ctx.save_for_backward(x, x3, w, b, mean, var, weight, bias)
-        ctx.config = (groups, eps, silu, cl, backend, x.shape)
+        ctx.config = (groups, eps, silu, cl, backend)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
         x, x3, w, b, mean, var, weight, bias = ctx.saved_tensors
-        groups, eps, silu, cl, backend, shape = ctx.config
+        groups, eps, silu, cl, backend = ctx.config
         if torch.is_grad_enabled():
             return _double_backward_ready(ctx, x, weight, bias, dy)
         dx3, dw, db = dispatch(_bwd_op, _bwd_impl, dy.reshape(x3.shape), x3, w, b, mean, var,
                                groups, eps, silu, cl, backend)
         return (
-            from_layout(dx3, shape) if ctx.needs_input_grad[0] else None,
+            from_layout(dx3, x, "group") if ctx.needs_input_grad[0] else None,
             dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
             db.to(bias.dtype) if ctx.needs_input_grad[2] else None,
         ) + (None,) * 4
@@ -201,7 +201,7 @@ class _GroupPlan:
         self.groups, self.eps, self.silu = num_groups, float(eps), silu
         if self.backend != "cpu" or x.numel() == 0 or self.autocast:
             return
-        in_place = read_in_place(x)
+        in_place = read_in_place(x, "group")
         if in_place is None:
             return  # x is copied into a layout: the general path
         x3, cl = in_place
@@ -283,7 +283,8 @@ def group_norm(
     """``torch.nn.functional.group_norm`` on fusednorm's kernels.
 
     ``activation="silu"`` returns ``silu(group_norm(input))`` from the same pass (computed in
-    float32 before the output is rounded). Channels-last input gives channels-last output.
+    float32 before the output is rounded). The output has torch's layout: channels last where
+    torch suggests channels last for the input, else contiguous.
     """
     silu = _silu_flag(activation)
     # the common call first: a plain tensor in a plain state (the plan of its signature then
@@ -384,8 +385,8 @@ def instance_norm(
 
     With ``use_input_stats`` each (sample, channel) is normalized by its own statistics and
     the running statistics, when given, move towards their mean over the batch (unbiased
-    variance); otherwise the running statistics normalize. Channels-last input gives
-    channels-last output (torch's own returns a contiguous tensor).
+    variance); otherwise the running statistics normalize. The output is contiguous, as
+    torch's.
     """
     way = _route.way(input, weight, bias, running_mean, running_var)
     if way in ("export", "torch", "nested", "ops") or (
@@ -404,6 +405,9 @@ def instance_norm(
     if backend == "torch" or input.numel() == 0:
         return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
                                momentum, eps)
+    if input.stride() != torch_strides(input, "instance"):
+        # torch's answer, and its gradient, are contiguous: it normalizes a contiguous view
+        input = input.contiguous().view(-1).view(input.shape)
     if way == "transform":
         if use_input_stats:  # (no running statistics: see above)
             spec = GroupSpec(input.shape[1], float(eps), False, backend)
@@ -411,7 +415,8 @@ def instance_norm(
         spec = BatchSpec(False, float(eps), backend)
         return BatchNormFn.apply(input, weight, bias, running_mean, running_var, spec)[0]
     if not use_input_stats:
-        args = (input, weight, bias, running_mean, running_var, False, float(eps), True, backend)
+        args = (input, weight, bias, running_mean, running_var, False, float(eps), "instance",
+                backend)
         if needs_grad(input, weight, bias):
             return _BatchNorm.apply(*args)[0]
         return batch_norm_forward(*args)[0]
