@@ -104,6 +104,26 @@ def as_ncs(x: Tensor, norm: str) -> tuple[Tensor, bool]:
     return conform(x3, True), True
 
 
+def torch_memory_format(x: Tensor, norm: str) -> torch.memory_format:
+    """The memory format of torch's output for x (`torch_channels_last`)."""
+    if not torch_channels_last(x, norm):
+        return torch.contiguous_format
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+def plan_input(x: Tensor, norm: str) -> tuple[Tensor, bool, torch.memory_format | None] | None:
+    """For a launch plan: `read_in_place(x, norm)` and None, or, where x lies in another layout
+    than torch's output (a transposed (N, L, C) tensor, an attention block's reshape), the same
+    of x copied into that layout as torch copies it, and the memory format each call copies x
+    into; None where neither serves (the general path then)."""
+    in_place = read_in_place(x, norm)
+    if in_place is not None:
+        return (*in_place, None)
+    fmt = torch_memory_format(x, norm)
+    in_place = read_in_place(x.contiguous(memory_format=fmt), norm)
+    return None if in_place is None else (*in_place, fmt)
+
+
 def read_in_place(x: Tensor, norm: str) -> tuple[Tensor, bool] | None:
     """`as_ncs(x, norm)` where the kernels read x where it lies and their output, made like x
     (`empty_like`), has torch's strides; None where x would be copied into a layout (a launch

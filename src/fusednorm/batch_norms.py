@@ -22,7 +22,7 @@ from fusednorm._autocast import casts
 from fusednorm._autograd import fast_apply, unwrap_if_dead
 from fusednorm._backend import kernels, resolve
 from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
-from fusednorm._layout import as_ncs, from_layout, layout_strides, read_in_place
+from fusednorm._layout import as_ncs, from_layout, layout_strides, plan_input, torch_strides
 from fusednorm._ops import dispatch, needs_grad
 from fusednorm._route import tensor_signature
 
@@ -261,13 +261,14 @@ class _BatchPlan:
                 or not _args_ok(x, running_mean, running_var, weight, bias, training, 0.0, eps)
                 or resolve(x) != "cpu" or x.numel() == 0):
             return
-        in_place = read_in_place(x, "batch")
-        if in_place is None:
-            return  # x is copied into a layout: the general path
-        x3, cl = in_place
+        planned = plan_input(x, "batch")
+        if planned is None:
+            return  # the general path
+        x3, cl, self.copy_to = planned  # (copy_to: the format each call copies x into first)
         ct = compute_dtype(x.dtype)
         c = x.shape[1]
-        self.ct, self.stride, self.training, self.eps = ct, x.stride(), training, float(eps)
+        self.ct, self.training, self.eps = ct, training, float(eps)
+        self.stride = torch_strides(x, "batch")  # (x's, or its copy's)
         self.count = x.numel() // c
         self.params = KernelParams(weight, bias, c, ct)
         self.needs_grad = torch.is_grad_enabled() and any(
@@ -398,7 +399,10 @@ def batch_norm(
         plan = _plan(unwrap_if_dead(input), running_mean, running_var, weight, bias,
                      bool(training), eps)
         if plan is not None and plan.fast:
-            return _fast_batch_norm(plan, unwrap_if_dead(input), running_mean, running_var,
+            input = unwrap_if_dead(input)
+            if plan.copy_to is not None:
+                input = input.contiguous(memory_format=plan.copy_to)
+            return _fast_batch_norm(plan, input, running_mean, running_var,
                                     weight, bias, momentum)
     way = _route.way(input, weight, bias, running_mean, running_var)
     if way in ("export", "torch", "nested", "ops") or (

@@ -20,7 +20,7 @@ from fusednorm._autograd import fast_apply, unwrap_if_dead
 from fusednorm._backend import kernels, resolve
 from fusednorm._channel_functions import BatchNormFn, BatchSpec, GroupNormFn, GroupSpec
 from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
-from fusednorm._layout import as_ncs, from_layout, layout_strides, read_in_place, torch_strides
+from fusednorm._layout import as_ncs, from_layout, layout_strides, plan_input, torch_strides
 from fusednorm._ops import dispatch, needs_grad
 from fusednorm._route import eager_only, tensor_signature
 from fusednorm.batch_norms import (
@@ -201,13 +201,13 @@ class _GroupPlan:
         self.groups, self.eps, self.silu = num_groups, float(eps), silu
         if self.backend != "cpu" or x.numel() == 0 or self.autocast:
             return
-        in_place = read_in_place(x, "group")
-        if in_place is None:
-            return  # x is copied into a layout: the general path
-        x3, cl = in_place
+        planned = plan_input(x, "group")
+        if planned is None:
+            return  # the general path
+        x3, cl, self.copy_to = planned  # (copy_to: the format each call copies x into first)
         ct = compute_dtype(x.dtype)
         c = x.shape[1]
-        self.ct, self.stride = ct, x.stride()
+        self.ct, self.stride = ct, torch_strides(x, "group")  # (x's, or its copy's)
         self.params = KernelParams(weight, bias, c, ct)
         self.needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias))
@@ -299,6 +299,8 @@ def group_norm(
             input = unwrap_if_dead(input)
         plan = _plan(input, num_groups, weight, bias, eps, silu)
         if plan.fast:
+            if plan.copy_to is not None:
+                input = input.contiguous(memory_format=plan.copy_to)
             if plan.needs_grad:
                 return _group_norm_fast(input, weight, bias, plan)
             return plan.kernels.forward(input, *plan.params(weight, bias))[0]
