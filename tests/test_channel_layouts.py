@@ -83,3 +83,21 @@ def test_output_can_be_modified_in_place(norm):
         y.relu_()
         grads.append(torch.autograd.grad(y, x, dy)[0])
     torch.testing.assert_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("norm", ["group", "batch", "instance"])
+def test_compiled_modules_keep_torch_layout(norm):
+    # torch.compile(fullgraph=True) traces the layout decisions too (no data-pointer tests)
+    module = {"group": fusednorm.GroupNorm(2, 8), "batch": fusednorm.BatchNorm2d(8),
+              "instance": fusednorm.InstanceNorm2d(8, affine=True)}[norm]
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    for x in (randn(2, 8, 4, 5).contiguous(memory_format=torch.channels_last),
+              randn(2, 8, 5, 4).transpose(2, 3)):
+        x = x.requires_grad_()
+        dy = randn(2, 8, 4, 5)
+        want = module(x)
+        got = compiled(x)
+        assert got.stride() == want.stride()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got, x, dy)[0],
+                                   torch.autograd.grad(want, x, dy)[0])

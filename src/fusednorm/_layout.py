@@ -95,8 +95,9 @@ def as_ncs(x: Tensor, norm: str) -> tuple[Tensor, bool]:
     if not cl:
         return (x if x.is_contiguous() else x.contiguous()).view(n, c, s), False
     x3 = x.reshape(n, c, s)
-    # (a size-1 batch dim may have any stride: a slice x[i:i + 1] of a channels_last batch)
-    if in_layout(x3, True) and x3.data_ptr() == x.data_ptr():
+    # (a size-1 batch dim may have any stride: a slice x[i:i + 1] of a channels_last batch; a
+    # reshape that had to copy gives channels first, which fails the test)
+    if in_layout(x3, True):
         return x3, True
     if x.dim() in (4, 5):  # strided channels last, copied as torch copies it
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
