@@ -50,8 +50,12 @@ def torch_channels_last(x: Tensor, norm: str) -> bool:
         return False
     if norm == "group":
         return _strides_like_channels_last(x.shape, x.stride())
-    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-    return not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+    return not x.is_contiguous() and x.is_contiguous(memory_format=_channels_last_format(x))
+
+
+def _channels_last_format(x: Tensor) -> torch.memory_format:
+    """channels_last for a 4-D x, channels_last_3d for a 5-D one."""
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
 
 
 def _strides_like_channels_last(shape, strides) -> bool:
@@ -100,8 +104,7 @@ def as_ncs(x: Tensor, norm: str) -> tuple[Tensor, bool]:
     if in_layout(x3, True):
         return x3, True
     if x.dim() in (4, 5):  # strided channels last, copied as torch copies it
-        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        return x.contiguous(memory_format=fmt).reshape(n, c, s), True
+        return x.contiguous(memory_format=_channels_last_format(x)).reshape(n, c, s), True
     return conform(x3, True), True
 
 
@@ -109,7 +112,7 @@ def torch_memory_format(x: Tensor, norm: str) -> torch.memory_format:
     """The memory format of torch's output for x (`torch_channels_last`)."""
     if not torch_channels_last(x, norm):
         return torch.contiguous_format
-    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return _channels_last_format(x)
 
 
 def plan_input(x: Tensor, norm: str) -> tuple[Tensor, bool, torch.memory_format | None] | None:
