@@ -1,4 +1,4 @@
-# The README's two commands: `make run` and `make test`.
+# The README's two commands: `make run` and `make test` (and `make prebuilt` for kernel work).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -23,4 +23,8 @@ run: install
 test: install
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
-.PHONY: install run test
+# after any change under src/fusednorm/cpu: the shipped kernels' bitcode (cpu/_prebuilt.py)
+prebuilt: install
+	$(PY) -m fusednorm.cpu.kernels._prebuild
+
+.PHONY: install run test prebuilt

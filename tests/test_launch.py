@@ -79,12 +79,12 @@ def test_a_first_kernel_leaves_torch_thread_count_alone():
 
 
 def test_a_cached_kernel_loads_without_numba(tmp_path):
-    """The first process compiles into the cache directory; the next loads the machine code
-    and never imports numba."""
+    """The first process compiles into the cache directory (numba: the shipped kernels turned
+    off); the next loads the machine code and never imports numba."""
     code = ("import json, sys, torch, fusednorm; x = torch.randn(4, 96, requires_grad=True); "
             "fusednorm.LayerNorm(96)(x).sum().backward(); "
             "print(json.dumps({'numba': 'numba' in sys.modules}))")
-    env = dict(os.environ, FUSEDNORM_CACHE_DIR=str(tmp_path))
+    env = dict(os.environ, FUSEDNORM_CACHE_DIR=str(tmp_path), FUSEDNORM_PREBUILT="0")
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                            check=True)
     files = list(tmp_path.rglob("*.o"))

@@ -29,3 +29,14 @@ def test_license_file_is_the_license_pyproject_names():
                    "2. Redistributions in binary form must reproduce",
                    "3. Neither the name of the copyright holder"):
         assert clause in text
+
+
+def test_the_shipped_kernels_are_package_data():
+    """pyproject's package data names the archive of shipped kernels (cpu/_prebuilt.py): a
+    wheel without it would compile every kernel with numba."""
+    from fusednorm.cpu import _prebuilt
+
+    table = PYPROJECT.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
+    globs = re.findall(r'^"fusednorm\.cpu" = \[(.*)\]', table, re.MULTILINE)
+    archive = _prebuilt.archive_path().relative_to(ROOT / "src" / "fusednorm" / "cpu")
+    assert any(archive.match(g.strip().strip('"')) for g in globs[0].split(","))

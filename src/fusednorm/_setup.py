@@ -23,6 +23,8 @@ def _row_norms(dtype: torch.dtype) -> None:
             norm(x).sum().backward()
             y, h = norm(x, residual=r)
             (y.float().sum() + h.float().sum()).backward()
+        y, h = fusednorm.LayerNorm(64, dtype=params, dropout_p=0.1)(x, residual=r)  # (training)
+        (y.float().sum() + h.float().sum()).backward()
     if dtype != torch.float32:  # Hugging Face's Llama cast order (see patch.py)
         w = torch.ones(64, dtype=dtype, requires_grad=True)
         fusednorm.rms_norm(x, (64,), w, 1e-6, xhat_dtype=dtype).sum().backward()
@@ -39,7 +41,8 @@ def _channel_norms(dtype: torch.dtype) -> None:
 
 def warmup(dtypes=WARMUP_DTYPES, progress: Callable[[str], None] = lambda s: None) -> int:
     """Compile (or load) the CPU kernels common calls use, for these dtypes: the row norms with
-    and without residual, parameters of the input's dtype and float32, forward and backward;
+    and without residual (and dropout), parameters of the input's dtype and float32, forward and
+    backward;
     GroupNorm (with and without its SiLU) and BatchNorm in both layouts. Returns the number of kernels now loaded."""
     from fusednorm.cpu import _channels, batch_norm, group_norm, layer_norm
 
@@ -50,7 +53,7 @@ def warmup(dtypes=WARMUP_DTYPES, progress: Callable[[str], None] = lambda s: Non
             _row_norms(dtype)
             _channel_norms(dtype)
             progress(f"{name}: {time.perf_counter() - t0:.1f} s")
-    kernels = [layer_norm._FWD, layer_norm._BWD, group_norm._CF_FWD, group_norm._CF_BWD,
+    kernels = [layer_norm._FWD, layer_norm._BWD, layer_norm._MASK, group_norm._CF_FWD, group_norm._CF_BWD,
                batch_norm._CF_FWD, batch_norm._CF_BWD, _channels._CL_FWD, _channels._CL_BWD]
     return sum(len(k._compiled) for k in kernels)
 
@@ -64,9 +67,10 @@ def _version(package: str) -> str:
 
 def info() -> str:
     """Versions, backends, threads and the kernel cache, as text."""
-    from fusednorm.cpu import _launch
+    from fusednorm.cpu import _launch, _prebuilt
 
     cache = _launch.cache_dir()
+    shipped = _prebuilt.shelf(_launch._runtime().source_hash)
     cached = sorted(cache.glob("*.o")) if cache.is_dir() else []
     openmp = _launch.openmp_runtime()
     triton = importlib.util.find_spec("triton") is not None
@@ -77,6 +81,9 @@ def info() -> str:
          f"llvmlite {_version('llvmlite')}, triton {_version('triton')}"),
         "backends:",
         "  cpu     numba kernels, compiled on first use and cached (below)",
+        (f"          {len(shipped.entries)} shipped as LLVM bitcode, finalized without numba "
+         f"on a cache miss" if shipped.entries else
+         f"          shipped kernels not used: {shipped.reason}"),
         (f"  triton  {triton_state}; "
          f"CUDA {'available' if torch.cuda.is_available() else 'not available'}"),
         f"  auto    picks cpu for CPU tensors, {'triton' if triton else 'torch'} for CUDA ones",

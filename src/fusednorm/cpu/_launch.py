@@ -3,9 +3,10 @@
 A kernel is numba code compiled into a C function `void kernel(const int64 *block)`. The
 block holds the call's arguments by position, in the order its `Layout` names them: tensor
 addresses, sizes and flags as int64, scalars as float64. Compiling needs numba (about a second
-for a new kernel); its machine code is then stored in the user's cache directory
-(`cache_dir()`), and any later process loads it with llvmlite alone, in milliseconds, without
-importing numba. So:
+for a new kernel, after half a second of numba's import), except for the kernels shipped as
+bitcode (`_prebuilt`: LLVM alone, ~0.15 s); the machine code is then stored in the user's cache
+directory (`cache_dir()`), and any later process loads it with llvmlite alone, in milliseconds,
+without importing numba. So:
 
 - per call: one `struct.pack` of the block and one ctypes call (about 1 µs), on the caller's
   thread, or on torch's own OpenMP threads through `GOMP_parallel` of the runtime torch loaded:
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 
 from fusednorm._checks import compute_dtype  # noqa: F401 (the launchers' rule, re-exported)
+from fusednorm.cpu import _prebuilt
 
 # Below this many elements a call runs on the calling thread: waking the workers costs more
 # than the work (torch's own grain is 32K). Results never depend on the choice.
@@ -197,8 +199,8 @@ class _Runtime:
         for part in (__version__, llvmlite.__version__, _numba_version(),
                      sys.version, *self.cpu):
             h.update(part.encode() + b"\0")
-        for path in sorted(Path(__file__).parent.rglob("*.py")):  # the kernels' source
-            h.update(path.read_bytes())
+        self.source_hash = kernel_source_hash()
+        h.update(self.source_hash.encode())
         self.build_id = "kernels-" + h.hexdigest()[:16]
         self.engines = []  # one JIT per object file: none of them may be freed
         self.lock = threading.Lock()
@@ -259,6 +261,16 @@ def _error_path(name: str) -> int:
 
         stub = _ERROR_STUBS[name] = ctypes.CFUNCTYPE(None)(report)
     return ctypes.cast(stub, ctypes.c_void_p).value
+
+
+def kernel_source_hash() -> str:
+    """The fingerprint of the kernels' source: every module of this package (the kernels, their
+    argument layouts and constants)."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def _numba_version() -> str:
@@ -326,9 +338,13 @@ class Kernel:
                     return addr
         except (OSError, ValueError, KeyError):
             pass
-        from fusednorm.cpu.kernels import _compile
+        shipped = _prebuilt.object_code(self.name, key, rt.source_hash)
+        if shipped is not None:
+            obj, meta = shipped
+        else:
+            from fusednorm.cpu.kernels import _compile
 
-        obj, meta = _compile.compile_kernel(self, key, rt.symbols)
+            obj, meta = _compile.compile_kernel(self, key, rt.symbols)
         _store(folder, obj_path, meta_path, obj, meta)
         addr = rt.load(obj, meta)
         if not addr:
