@@ -39,9 +39,12 @@ def run(model, inputs):
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["norms", "silu-fused"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("name", ["unet", "vae"])
-def test_patched_model_matches_unpatched(name, channels_last):
+def test_patched_model_matches_unpatched(name, channels_last, fuse):
+    """(fuse: patch(fuse_activation=True), each ResNet block's two GroupNorms and the output
+    head's computing the SiLU after them.)"""
     torch.manual_seed(0)
     model, inputs = tiny(name)
     with torch.no_grad():  # norm weights away from their initial 1 and 0: catches a swap
@@ -55,8 +58,10 @@ def test_patched_model_matches_unpatched(name, channels_last):
     exact = copy.deepcopy(model).double()
     norms = [n for n, m in model.named_modules() if isinstance(m, torch.nn.GroupNorm)]
 
-    report = fusednorm.patch(model)
+    report = fusednorm.patch(model, fuse_activation=fuse)
     assert sorted(report.replaced) == sorted(norms) and len(norms) > 5
+    fused = sorted(n for n in norms if n.endswith(("norm1", "norm2", "conv_norm_out")))
+    assert sorted(report.fused_activation) == (fused if fuse else [])
     assert not any(type(m) is torch.nn.GroupNorm for m in model.modules())
     out, grads = run(model, inputs)
     ref_out, ref_grads = run(reference, inputs)

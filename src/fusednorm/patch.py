@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import fusednorm
-from fusednorm import fused_layers
+from fusednorm import _silu_after_norm, fused_layers
 from fusednorm._checks import HALF_DTYPES, compute_dtype
 from fusednorm.row_norm import layer_norm, rms_norm
 
@@ -212,17 +212,21 @@ class PatchReport:
     replaced: dict[str, str] = field(default_factory=dict)
     left_alone: dict[str, str] = field(default_factory=dict)  # norm-like, not recognised
     fused_residual: dict[str, str] = field(default_factory=dict)  # decoder layers
+    fused_activation: dict[str, str] = field(default_factory=dict)  # GroupNorms then SiLU
 
     def __str__(self) -> str:
         def count(d):
             return ", ".join(f"{k} x{n}" for k, n in Counter(d.values()).items()) or "nothing"
         fused = (f"; fused the residual add in {count(self.fused_residual)}"
                  if self.fused_residual else "")
+        if self.fused_activation:
+            fused += f"; fused the SiLU after {count(self.fused_activation)}"
         return (f"fusednorm.patch replaced {count(self.replaced)}{fused}; left alone "
                 f"{count(self.left_alone)}")
 
 
-def patch(model: nn.Module, *, fuse_residual: bool = False) -> PatchReport:
+def patch(model: nn.Module, *, fuse_residual: bool = False,
+          fuse_activation: bool = False) -> PatchReport:
     """Replace, in place, the norms inside ``model`` by fusednorm's, keeping their Parameter
     objects, state_dict keys and numerics. Returns what was replaced and the norm-like modules
     left alone; raises NotImplementedError, before changing anything, for a recognised norm it
@@ -230,7 +234,12 @@ def patch(model: nn.Module, *, fuse_residual: bool = False) -> PatchReport:
 
     ``fuse_residual=True`` also fuses, in each Hugging Face decoder layer, the residual add that
     precedes a norm into that norm (see fusednorm.fused_layers); a decoder layer whose forward
-    fusednorm does not know raises NotImplementedError, before anything is changed."""
+    fusednorm does not know raises NotImplementedError, before anything is changed.
+
+    ``fuse_activation=True`` also fuses into a GroupNorm the SiLU module its output goes into
+    next, where the code of the module holding both shows that nothing else reads that output
+    (diffusers' ResNet blocks, UNet and autoencoder heads; see fusednorm._silu_after_norm).
+    In half precision the SiLU then reads the norm's float32 result, not its rounded output."""
     _expect_module("patch", model, "the model whose norms it replaces in place")
     report, plan, new_of = PatchReport(), [], {}
     for path, parent in model.named_modules():
@@ -248,8 +257,12 @@ def patch(model: nn.Module, *, fuse_residual: bool = False) -> PatchReport:
             if new_of[id(child)] is not None:
                 plan.append((parent, name, new_of[id(child)]))
     layers = _fusable_layers(model, new_of) if fuse_residual else []
+    fusions = _silu_fusions(model, new_of, plan) if fuse_activation else []
     for parent, name, new in plan:
         setattr(parent, name, new)
+    for where, holder, norm, guards in fusions:
+        report.fused_activation[where] = "GroupNorm"
+        _silu_after_norm.fuse(norm, holder, guards)
     for where, layer, cls in layers:
         report.fused_residual[where] = type(layer).__name__
         layer.__class__ = cls
@@ -289,6 +302,34 @@ def _fusable_layers(model: nn.Module, new_of: dict) -> list[tuple[str, nn.Module
             "fusednorm.patch(fuse_residual=True) found no Hugging Face decoder layer in "
             f"{type(model).__name__}. Nothing was replaced.")
     return layers
+
+
+def _silu_fusions(model: nn.Module, new_of: dict, plan: list) -> list[tuple]:
+    """(path, holder, new norm, guards) of each replaced GroupNorm whose output goes into a
+    SiLU module next (see _silu_after_norm); adds those SiLU modules' replacements to plan."""
+    held = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    fusions, silus = [], {}
+    for where, holder in model.named_modules():
+        if "forward" in vars(holder):
+            continue  # (replaced on the instance: the class's code is not what runs)
+        children = {n: c for n, c in holder._modules.items() if c is not None and not (
+            c._forward_hooks or c._forward_pre_hooks)}
+        norms = {n for n, c in children.items()
+                 if type(new_of.get(id(c))) is fusednorm.GroupNorm and held[id(c)] == 1}
+        acts = {n for n, c in children.items() if type(c) is nn.SiLU}
+        if not norms or not acts:
+            continue
+        for name, (feeds, guards) in _silu_after_norm.fusable(holder, norms, acts).items():
+            path = f"{where}.{name}" if where else name
+            fusions.append((path, holder, new_of[id(children[name])], guards))
+            for act in feeds:
+                silus[id(children[act])] = children[act]
+    for key, act in silus.items():
+        new_of[key] = _adopt(_silu_after_norm.SiLUAfterNorm(act.inplace), act)
+    for _, parent in model.named_modules():
+        plan.extend((parent, name, new_of[id(child)]) for name, child in parent._modules.items()
+                    if id(child) in silus)
+    return fusions
 
 
 def unpatch(model: nn.Module) -> dict[str, str]:

@@ -94,7 +94,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="rounds for --calls (15), --vmap (15) and --models (15)")
     p.add_argument("--variants", default="eager",
                    help="for --models, a comma list of eager (patched), fused "
-                   "(fuse_residual=True), compiled, compiled+fused (torch.compile, against the "
+                   "(fuse_residual=True for llama, fuse_activation=True for unet and vae), compiled, compiled+fused (torch.compile, against the "
                    "unpatched model compiled), no-norm (the norms replaced by nn.Identity: the "
                    "ceiling of any norm's speed-up), copy (an unpatched copy: the noise floor); "
                    "default eager")

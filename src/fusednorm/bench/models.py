@@ -15,7 +15,8 @@ Workloads: a training step (forward with the loss, and backward) on 8×256 token
 (no grad) on 1×1 and 1×64 tokens (no KV cache); for the diffusion models a training step (mean
 squared error of the output) and inference on a batch of random images (`IMAGE_WORKLOADS`).
 bfloat16 training steps only run where the CPU multiplies bfloat16 matrices. Variants: `eager` (patched), `fused`
-(patch(fuse_residual=True), models with decoder layers), and the same under torch.compile
+(patch(fuse_residual=True) for models with decoder layers, fuse_activation=True for the diffusion
+models: see FUSABLE), and the same under torch.compile
 (default mode) against the unpatched model compiled: `compiled`, `compiled+fused`. References:
 `no-norm` (the ceiling) and `copy` (the noise floor), see VARIANTS.
 """
@@ -86,8 +87,10 @@ def vae(dtype: torch.dtype) -> torch.nn.Module:
 
 
 MODELS = {"gpt2": gpt2, "llama": llama, "unet": unet, "vae": vae}
-FUSABLE = {"llama"}  # models whose decoder layers patch(fuse_residual=True) knows
-# variant -> (compiled, fuse_residual). Two are not results but references: "no-norm" replaces
+# model -> what its "fused" variants fuse: the residual adds of decoder layers patch knows,
+# the SiLU after diffusers' GroupNorms
+FUSABLE = {"llama": "fuse_residual", "unet": "fuse_activation", "vae": "fuse_activation"}
+# variant -> (compiled, fused). Two are not results but references: "no-norm" replaces
 # the norms by nn.Identity (the ceiling, the speed-up a norm that cost nothing would give);
 # "copy" is an unpatched copy of the model, timed like the patched ones: its speed-up is 1.0 but
 # for the noise of the machine, which it shows case by case
@@ -197,7 +200,8 @@ def case(model_name: str, workload: str, dtype: torch.dtype, variants=("eager",)
         if variant == "copy":
             c.patched[variant] = _step(ours, inputs, train)
             continue
-        report = fusednorm.patch(ours, fuse_residual=bool(VARIANTS[variant][1]))
+        fusion = {FUSABLE[model_name]: True} if VARIANTS[variant][1] else {}
+        report = fusednorm.patch(ours, **fusion)
         if not report.replaced:
             raise RuntimeError(f"fusednorm.patch replaced nothing in {model_name}: {report}")
         if VARIANTS[variant][1] is None:

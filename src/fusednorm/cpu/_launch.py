@@ -148,11 +148,12 @@ def scratch(nbytes: int) -> torch.Tensor:
     return buf
 
 
-def thread_cap(elements: int, tasks: int) -> int:
+def thread_cap(elements: int, tasks: int, cost: int = 1) -> int:
     """The most threads worth waking for a call over `elements` elements split into `tasks`
-    tasks: 1 (the calling thread) below the grain. Only the speed depends on it: every split
-    that orders a sum depends on the shape alone."""
-    return 1 if elements < PARALLEL_GRAIN else max(1, tasks)
+    tasks: 1 (the calling thread) below the grain, for elements that each cost `cost` times a
+    float32 norm's work. Only the speed depends on it: every split that orders a sum depends on
+    the shape alone."""
+    return 1 if elements * cost < PARALLEL_GRAIN else max(1, tasks)
 
 
 def threads(cap: int) -> int:

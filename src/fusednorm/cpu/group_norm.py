@@ -20,6 +20,7 @@ from fusednorm.cpu._channels import (
     ChannelsLastPlan,
     Scratch,
     conform,
+    element_cost,
     empty_layout,
     itemsize,
 )
@@ -64,7 +65,7 @@ class GroupNormPlan:
         self._fwd = _CF_FWD[self.key]
         self._bwd = None  # compiled (or loaded) at the first backward
         # threads worth waking: 1 below the grain (only the speed depends on it)
-        self.cap = thread_cap(n_ * c_ * s_, n_ * groups)
+        self.cap = thread_cap(n_ * c_ * s_, n_ * groups, element_cost(x_dtype, silu))
         self.tail = CF_FWD.fixed(n=n_, c=c_, s=s_, groups=groups, eps=eps)
         # the backward's: Σg, Σg·x̂ per (n, c); with SiLU per thread a group's g
         self.scratch = Scratch(2 * n_ * c_ * self.size, c_ // groups * s_ * self.size if silu else 0)

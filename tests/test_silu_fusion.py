@@ -1,0 +1,165 @@
+"""patch(model, fuse_activation=True): a GroupNorm whose output the holder's code sends straight
+into a SiLU module computes the SiLU itself, and only such a norm (fusednorm._silu_after_norm)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fusednorm
+from fusednorm import _silu_after_norm
+from fusednorm._silu_after_norm import GroupNormThenSiLU, SiLUAfterNorm
+
+
+class Block(nn.Module):
+    """diffusers' ResNet block in small: norm1 -> act, a time embedding through the same act,
+    norm2 in configuration-chosen branches (only "default" sends it straight to act)."""
+
+    def __init__(self, mode="default"):
+        super().__init__()
+        self.norm1, self.norm2 = nn.GroupNorm(4, 8), nn.GroupNorm(4, 8)
+        self.act = nn.SiLU()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.mode = mode
+
+    def forward(self, x, temb):
+        h = x
+        h = self.norm1(h)
+        h = self.act(h)
+        h = self.conv(h) + self.act(temb)[:, :, None, None]
+        if self.mode == "default":
+            h = self.norm2(h)
+        else:
+            h = self.norm2(h)
+            h = h * 2
+        h = self.act(h)
+        return x + h
+
+
+class TwoUses(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.act = nn.GroupNorm(4, 8), nn.SiLU()
+
+    def forward(self, x):
+        h = x
+        h = self.norm(h)
+        h = self.act(h)
+        return h + self.norm(x)  # the norm's output read by something else than the SiLU
+
+
+class InLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.act = nn.GroupNorm(4, 8), nn.SiLU()
+
+    def forward(self, x):
+        x = self.norm(x)
+        x = self.act(x)
+        for _ in range(2):  # (read conservatively: a loop's next statement is not followed)
+            x = self.norm(x)
+            x = self.act(x)
+        return x
+
+
+def inputs():
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    return x, torch.randn(2, 8, requires_grad=True)
+
+
+def outputs_and_grads(model, args):
+    args = [a.detach().requires_grad_() for a in args]
+    model.zero_grad(set_to_none=True)
+    out = model(*args)
+    torch.manual_seed(1)
+    (out * torch.randn_like(out)).sum().backward()
+    return [out.detach(), *(a.grad for a in args), *(p.grad for p in model.parameters())]
+
+
+def assert_same_model(model, reference, args):
+    for got, want in zip(outputs_and_grads(model, args), outputs_and_grads(reference, args),
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def kernel_silu(monkeypatch):
+    """The activation each fused norm asked the kernels for, call by call."""
+    asked = []
+    group_norm = _silu_after_norm.group_norm
+
+    def recording(*args, activation=None, **kwargs):
+        asked.append(activation)
+        return group_norm(*args, activation=activation, **kwargs)
+
+    monkeypatch.setattr(_silu_after_norm, "group_norm", recording)
+    return asked
+
+
+def test_a_norm_feeding_only_the_silu_computes_it(kernel_silu):
+    torch.manual_seed(0)
+    model = Block()
+    reference = copy.deepcopy(model)
+    report = fusednorm.patch(model, fuse_activation=True)
+    assert sorted(report.fused_activation) == ["norm1", "norm2"]
+    assert type(model.norm1) is GroupNormThenSiLU and type(model.act) is SiLUAfterNorm
+    x, temb = inputs()
+    assert_same_model(model, reference, (x, temb))
+    assert kernel_silu == ["silu", "silu"]
+    out = model.norm1(x.detach())  # (marked for the SiLU, which unmarks it)
+    assert model.act(out) is out and not hasattr(out, _silu_after_norm._MARK)
+    assert unpatch_restores(model, reference)
+
+
+def unpatch_restores(model, reference):
+    fusednorm.unpatch(model)
+    return all(type(a) is type(b) for a, b in zip(model.modules(), reference.modules(),
+                                                   strict=True))
+
+
+def test_a_configuration_change_stops_the_fusion(kernel_silu):
+    """norm2 is fused for mode "default", where the other branch cannot run; set the mode after
+    patching and that branch runs: the norm must not have applied the SiLU there."""
+    torch.manual_seed(0)
+    model = Block()
+    reference = copy.deepcopy(model)
+    fusednorm.patch(model, fuse_activation=True)
+    model.mode = reference.mode = "other"
+    assert_same_model(model, reference, inputs())
+    assert kernel_silu == ["silu", None]
+
+
+def test_a_configuration_that_reads_the_output_is_not_fused():
+    model = Block(mode="other")
+    report = fusednorm.patch(model, fuse_activation=True)
+    assert sorted(report.fused_activation) == ["norm1"]
+    assert type(model.norm2) is fusednorm.GroupNorm
+
+
+@pytest.mark.parametrize("holder", [TwoUses, InLoop])
+def test_outputs_read_elsewhere_are_not_fused(holder):
+    torch.manual_seed(0)
+    model = holder()
+    reference = copy.deepcopy(model)
+    report = fusednorm.patch(model, fuse_activation=True)
+    assert report.fused_activation == {} and type(model.act) is nn.SiLU
+    assert_same_model(model, reference, inputs()[:1])
+
+
+def test_hooks_keep_a_norm_unfused():
+    model = Block()
+    model.norm1.register_forward_hook(lambda m, a, out: None)
+    assert sorted(fusednorm.patch(model, fuse_activation=True).fused_activation) == ["norm2"]
+
+
+def test_compiled_and_scripted_models_compute_unfused():
+    torch.manual_seed(0)
+    model = Block()
+    reference = copy.deepcopy(model)
+    fusednorm.patch(model, fuse_activation=True)
+    x, temb = inputs()
+    with torch.no_grad():
+        want = reference(x, temb)
+        torch.testing.assert_close(torch.compile(model)(x, temb), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.jit.script(model)(x, temb), want, rtol=1e-5, atol=1e-5)
