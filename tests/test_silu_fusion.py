@@ -107,9 +107,19 @@ def test_a_norm_feeding_only_the_silu_computes_it(kernel_silu):
     x, temb = inputs()
     assert_same_model(model, reference, (x, temb))
     assert kernel_silu == ["silu", "silu"]
-    out = model.norm1(x.detach())  # (marked for the SiLU, which unmarks it)
-    assert model.act(out) is out and not hasattr(out, _silu_after_norm._MARK)
+    out = model.norm1(x.detach())  # called from elsewhere than the block: the plain norm
+    torch.testing.assert_close(out, reference.norm1(x.detach()), rtol=1e-5, atol=1e-5)
+    assert kernel_silu[2:] == [None] and not hasattr(out, _silu_after_norm._MARK)
     assert unpatch_restores(model, reference)
+
+
+def test_the_silu_module_passes_a_marked_output_on_once():
+    model = Block()
+    fusednorm.patch(model, fuse_activation=True)
+    out = torch.randn(2, 8, 5, 5)
+    setattr(out, _silu_after_norm._MARK, True)
+    assert model.act(out) is out  # (what the block's fused norm hands it)
+    torch.testing.assert_close(model.act(out), torch.nn.functional.silu(out))  # mark taken off
 
 
 def unpatch_restores(model, reference):

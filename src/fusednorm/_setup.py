@@ -53,8 +53,8 @@ def warmup(dtypes=WARMUP_DTYPES, progress: Callable[[str], None] = lambda s: Non
             _row_norms(dtype)
             _channel_norms(dtype)
             progress(f"{name}: {time.perf_counter() - t0:.1f} s")
-    kernels = [layer_norm._FWD, layer_norm._BWD, layer_norm._MASK, group_norm._CF_FWD, group_norm._CF_BWD,
-               batch_norm._CF_FWD, batch_norm._CF_BWD, _channels._CL_FWD, _channels._CL_BWD]
+    kernels = [layer_norm._FWD, layer_norm._BWD, layer_norm._MASK, group_norm._CF_FWD,
+               group_norm._CF_BWD, batch_norm._CF_FWD, batch_norm._CF_BWD, _channels._CL_FWD, _channels._CL_BWD]
     return sum(len(k._compiled) for k in kernels)
 
 

@@ -14,7 +14,9 @@ blocks: `h = self.norm1(h); h = self.nonlinearity(h)`), never guessed from names
   kept as a guard, checked at every call: should the attribute change, the norm stops fusing;
 - no hooks on either module, the norm held by that one module only.
 
-At run time the fused norm marks its output tensor; the SiLU module returns a marked tensor as
+At run time the norm fuses only when called from the holder's forward (the frame a module call
+puts a few levels up; called from anywhere else it is the plain GroupNorm), and marks its
+output tensor; the SiLU module returns a marked tensor as
 it is (unmarking it) and applies SiLU to anything else (the same module also takes a time
 embedding in diffusers' blocks). Under torch.compile and TorchScript both modules compute
 what the originals do, unfused.
@@ -24,6 +26,7 @@ import ast
 import functools
 import inspect
 import operator
+import sys
 import textwrap
 import weakref
 
@@ -59,10 +62,10 @@ class GroupNormThenSiLU(GroupNorm):
 
     @torch.jit.unused
     def _fused(self, input: Tensor) -> Tensor:
-        holder, guards = self._fusednorm_fusion
+        holder, guards, code = self._fusednorm_fusion
         parent = holder()
         fuse = (type(input) is Tensor and not torch.compiler.is_compiling()
-                and parent is not None
+                and parent is not None and _called_from(code, parent)
                 and all(_test(getattr(parent, attr, None), op, const) == value
                         for attr, op, const, value in guards))
         y = group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
@@ -70,6 +73,19 @@ class GroupNormThenSiLU(GroupNorm):
         if fuse:
             setattr(y, _MARK, True)
         return y
+
+
+def _called_from(code, holder: nn.Module) -> bool:
+    """Whether the holder's forward (`code`) called this norm: it sits three to six frames above
+    `_fused` (the module call's own frames; hooks add none)."""
+    frame = sys._getframe(3)
+    for _ in range(4):
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return frame.f_locals.get("self") is holder
+        frame = frame.f_back
+    return False
 
 
 class SiLUAfterNorm(nn.SiLU):
@@ -222,4 +238,5 @@ def fusable(holder: nn.Module, norms: set[str], activations: set[str]
 def fuse(new: nn.Module, holder: nn.Module, guards: tuple[tuple, ...]) -> None:
     """Make `new` (fusednorm's GroupNorm in the holder's norm's place) a GroupNormThenSiLU."""
     new.__class__ = GroupNormThenSiLU
-    new.__dict__["_fusednorm_fusion"] = (weakref.ref(holder), guards)
+    code = inspect.unwrap(type(holder).forward).__code__  # (what runs in the holder's frame)
+    new.__dict__["_fusednorm_fusion"] = (weakref.ref(holder), guards, code)

@@ -12,12 +12,6 @@ from __future__ import annotations
 
 import llvmlite.binding as ll
 
-# numba's defaults (numba.core.config: OPT, LOOP_VECTORIZE, SLP_VECTORIZE; its "cheap" pass runs
-# at opt 0 without vectorization unless OPT is "max"). The generator records the values it ran
-# with beside the bitcode, and the replay uses those.
-NUMBA_PIPELINE = {"opt": 3, "loop_vectorize": True, "slp_vectorize": False,
-                  "cheap_opt": 0, "cheap_loop_vectorize": False}
-
 
 def pass_builder(tm, opt=2, loop_vectorize=False, slp_vectorize=False):
     """The kernels' pass builder (numba's, given to it while a kernel compiles), without LLVM's
@@ -46,7 +40,8 @@ def finalize(module, pipeline: dict) -> bytes:
     """The object code of `module` (numba's library just before its finalization: the kernel and
     the helpers linked into it, after the function passes), optimized as numba does: a cheap
     module pass (loops rotated, instcombine, jump threading), numba's reference-count pruning
-    (a no-op here: kernels never allocate), then the full pipeline."""
+    (a no-op here: kernels never allocate), then the full pipeline. `pipeline`: numba's options
+    (`kernels._compile.pipeline()`, recorded by the generator beside the bitcode)."""
     tm = target_machine(pipeline["opt"])
     cheap = pass_builder(tm, pipeline["cheap_opt"], pipeline["cheap_loop_vectorize"], False)
     passes = cheap.getModulePassManager()
