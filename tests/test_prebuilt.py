@@ -120,3 +120,18 @@ def test_the_archive_holds_what_warmup_compiles(tmp_path):
     count, numba_imported = json.loads(out.stdout.splitlines()[-1])
     assert count == len(_manifest()["kernels"]) and not numba_imported
 
+
+
+def test_a_damaged_archive_falls_back_to_numba(tmp_path, monkeypatch):
+    """A member LLVM cannot read gives no kernel (numba compiles it instead), not an error."""
+    import zipfile as zf
+
+    damaged = tmp_path / "damaged.zip"
+    with zf.ZipFile(_prebuilt.archive_path()) as src, zf.ZipFile(damaged, "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            dst.writestr(name, data if name == _prebuilt.MANIFEST else data[: len(data) // 2])
+    shelf = _prebuilt._Shelf(_launch.kernel_source_hash())
+    monkeypatch.setattr(shelf, "path", damaged)
+    entry = json.loads(next(iter(shelf.entries)))
+    assert shelf.object_code(entry[0], tuple(entry[1:])) is None

@@ -73,9 +73,9 @@ class _Shelf:
         try:
             with zipfile.ZipFile(self.path) as archive:
                 module = ll.parse_bitcode(archive.read(entry["member"]))
+            obj = _llvm.finalize(module, self.pipeline)  # (optimizes module in place)
         except (OSError, KeyError, ValueError, RuntimeError, zipfile.BadZipFile):
-            return None  # numba compiles it instead
-        obj = _llvm.finalize(module, self.pipeline)  # (optimizes module in place)
+            return None  # numba compiles it instead (a damaged archive, a module LLVM refuses)
         undefined = _llvm.undefined_symbols(module)
         return obj, {"key": list(key), "symbol": entry["symbol"], "undefined": undefined}
 
