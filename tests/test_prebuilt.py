@@ -3,6 +3,7 @@ machine code, and enough for a new environment's common first calls without numb
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -56,8 +57,6 @@ REPLAYED = [
 def test_finalizing_the_bitcode_gives_numbas_machine_code(module, kernel, key):
     """`_llvm.finalize` replays numba's finalization: from the module numba had just before it,
     the same object code, byte for byte (a pass missing, or other options, changes it)."""
-    import importlib
-
     from fusednorm.cpu.kernels import _compile
 
     family = getattr(importlib.import_module(f"fusednorm.cpu.{module}"), kernel)
@@ -124,10 +123,9 @@ def test_the_archive_holds_what_warmup_compiles(tmp_path):
 
 def test_a_damaged_archive_falls_back_to_numba(tmp_path, monkeypatch):
     """A member LLVM cannot read gives no kernel (numba compiles it instead), not an error."""
-    import zipfile as zf
-
     damaged = tmp_path / "damaged.zip"
-    with zf.ZipFile(_prebuilt.archive_path()) as src, zf.ZipFile(damaged, "w") as dst:
+    with zipfile.ZipFile(_prebuilt.archive_path()) as src, \
+            zipfile.ZipFile(damaged, "w") as dst:
         for name in src.namelist():
             data = src.read(name)
             dst.writestr(name, data if name == _prebuilt.MANIFEST else data[: len(data) // 2])
