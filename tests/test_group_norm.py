@@ -448,6 +448,30 @@ def test_fused_silu_large_group_cpu():
     check(x, 1, randn(4), randn(4), activation="silu")
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fused_silu_across_the_exponential_range(dtype, channels_last):
+    # weights of 40: z = x̂·w + b spans about ±150, past both ends where exp(-z) is clamped
+    # (z < -88: inf, z > 87: a tiny value) and through the whole polynomial between
+    x = randn(2, 8, 32, 16, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = (40 * torch.rand(8) + 1).to(dtype) * torch.tensor([1, -1] * 4, dtype=dtype)
+    check(x, 4, w, randn(8, dtype=dtype), activation="silu")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fused_silu_of_infinities_like_torch(channels_last):
+    # z = ±inf through the bias: torch's silu(-inf) is -inf / (1 + inf), NaN, silu(inf) inf
+    x = randn(2, 4, 3, 5)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    b = torch.tensor([float("inf"), float("-inf"), 0.5, float("nan")])
+    y = group_norm(x, 2, randn(4), b, activation="silu")
+    assert torch.equal(y.isnan(), F.silu(F.group_norm(x, 2, None, b)).isnan())
+    assert torch.equal(y.isinf(), F.silu(F.group_norm(x, 2, None, b)).isinf())
+
 # --- torch.compile and the registered ops -------------------------------------------------------
 
 
