@@ -277,6 +277,10 @@ class _RowNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh_out=None):
+        if dy is None and dh_out is None:
+            # no gradient reaches the node (a Function after it returned None): torch's own
+            # nodes then give no gradients, not zeros
+            return (None,) * 6
         saved, weight, bias, stats = ctx.saved_tensors
         plan = ctx.plan
         if dy is None:
@@ -313,10 +317,13 @@ class _PlainRowNorm(torch.autograd.Function):
                                    bias)
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.plan = plan
+        ctx.set_materialize_grads(False)  # (see `_RowNorm.backward`)
         return y
 
     @staticmethod
     def backward(ctx, dy):
+        if dy is None:
+            return None, None, None, None
         x, weight, bias, stats = ctx.saved_tensors
         plan = ctx.plan
         if torch.is_grad_enabled():

@@ -127,10 +127,13 @@ class _BatchNorm(torch.autograd.Function):
         ctx.save_for_backward(x, x3, w, b, mean, var, weight, bias)
         ctx.config = (training, eps, cl, backend, norm)
         ctx.mark_non_differentiable(bmean, bvar)
+        ctx.set_materialize_grads(False)  # (see _BatchNormFast)
         return y, bmean, bvar
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
+        if dy is None:
+            return (None,) * 9
         x, x3, w, b, mean, var, weight, bias = ctx.saved_tensors
         training, eps, cl, backend, norm = ctx.config
         if torch.is_grad_enabled():
@@ -312,6 +315,11 @@ class _BatchNormFast(torch.autograd.Function):
         y, mean, var = plan.kernels.forward(x, w, b, mean, var)
         ctx.save_for_backward(x, w, mean, var, weight, bias)
         ctx.plan = plan
+        # No zero tensors for gradients that never come: the statistics' (two allocations and
+        # fills per backward), and y's where the node is reached by no gradient at all (a
+        # Function after it returning None), where torch's own node gives no weight and bias
+        # gradients rather than zeros.
+        ctx.set_materialize_grads(False)
         if not plan.training:
             return y
         ctx.mark_non_differentiable(mean, var)
@@ -319,6 +327,8 @@ class _BatchNormFast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, *_stats):
+        if dy is None:
+            return (None,) * 6
         x, w, mean, var, weight, bias = ctx.saved_tensors
         plan = ctx.plan
         if torch.is_grad_enabled():

@@ -114,10 +114,13 @@ class _GroupNorm(torch.autograd.Function):
         ctx.save_for_backward(x, x3, w, b, mean, var, weight, bias)
         ctx.config = (groups, eps, silu, cl, backend)
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # (see batch_norms._BatchNormFast)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
+        if dy is None:
+            return (None,) * 7
         x, x3, w, b, mean, var, weight, bias = ctx.saved_tensors
         groups, eps, silu, cl, backend = ctx.config
         if torch.is_grad_enabled():
@@ -227,10 +230,13 @@ class _GroupNormFast(torch.autograd.Function):
         y, stats = plan.kernels.forward(x, w, b)
         ctx.save_for_backward(x, w, b, stats, weight, bias)
         ctx.plan = plan
+        ctx.set_materialize_grads(False)  # (see batch_norms._BatchNormFast)
         return y
 
     @staticmethod
     def backward(ctx, dy):
+        if dy is None:
+            return None, None, None, None
         x, w, b, stats, weight, bias = ctx.saved_tensors
         plan = ctx.plan
         if torch.is_grad_enabled():
