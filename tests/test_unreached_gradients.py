@@ -1,6 +1,6 @@
 """A norm whose output no gradient reaches (a Function after it returns None for it) gives what
-torch's norm gives: no gradient for its weight and bias, rather than zeros. A DDP user sees the
-difference (a parameter with no gradient is unused) and so does `param.grad is None`."""
+torch's norm gives: no gradient for its weight and bias, rather than zeros (an optimizer skips a
+parameter whose gradient is None, where zeros would still apply weight decay and momentum)."""
 
 import pytest
 import torch
