@@ -448,7 +448,6 @@ def test_fused_silu_large_group_cpu():
     check(x, 1, randn(4), randn(4), activation="silu")
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_fused_silu_across_the_exponential_range(dtype, channels_last):
@@ -471,6 +470,7 @@ def test_fused_silu_of_infinities_like_torch(channels_last):
     y = group_norm(x, 2, randn(4), b, activation="silu")
     assert torch.equal(y.isnan(), F.silu(F.group_norm(x, 2, None, b)).isnan())
     assert torch.equal(y.isinf(), F.silu(F.group_norm(x, 2, None, b)).isinf())
+
 
 # --- torch.compile and the registered ops -------------------------------------------------------
 
