@@ -24,7 +24,7 @@ from fusednorm._backend import kernels, resolve
 from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
 from fusednorm._layout import as_ncs, from_layout, layout_strides, plan_input, torch_strides
 from fusednorm._ops import dispatch, needs_grad
-from fusednorm._route import tensor_signature
+from fusednorm._plan_cache import ABSENT, PlanCache
 
 # ---------------------------------------------------------------------------------------------
 # Kernels behind torch.library ops. Eager code calls the *_impl functions directly; compiled
@@ -311,9 +311,10 @@ class _BatchNormFast(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan, mean, var):
-        w, b = plan.params(weight, bias)
-        y, mean, var = plan.kernels.forward(x, w, b, mean, var)
-        ctx.save_for_backward(x, w, mean, var, weight, bias)
+        y, mean, var = plan.kernels.forward(x, *plan.params(weight, bias), mean, var)
+        # (the weight's stand-in or copy is made again by the backward: saving fewer tensors
+        # is the cheaper)
+        ctx.save_for_backward(x, mean, var, weight, bias)
         ctx.plan = plan
         # No zero tensors for gradients that never come: the statistics' (two allocations and
         # fills per backward), and y's where the node is reached by no gradient at all (a
@@ -329,15 +330,19 @@ class _BatchNormFast(torch.autograd.Function):
     def backward(ctx, dy, *_stats):
         if dy is None:
             return (None,) * 6
-        x, w, mean, var, weight, bias = ctx.saved_tensors
+        x, mean, var, weight, bias = ctx.saved_tensors
         plan = ctx.plan
         if torch.is_grad_enabled():
             ctx.config = (plan.training, plan.eps)
             return _double_backward_ready(ctx, x, weight, bias, mean, var, dy)[:3] + (None,) * 3
         if dy.stride() != plan.stride or dy.dtype != x.dtype:
             dy = torch.empty_like(x).copy_(dy)  # into x's layout and dtype
-        dx, dw, db = plan.kernels.backward(dy, x, w, mean, var, plan.training)
+        dx, dw, db = plan.kernels.backward(dy, x, plan.params(weight, bias)[0], mean, var,
+                                           plan.training)
         need = ctx.needs_input_grad
+        if plan.params.as_is:  # (the gradients are in the parameters' dtype and shape)
+            return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
+                    None, None, None)
         return (dx if need[0] else None, _grad_like(dw, weight) if need[1] else None,
                 _grad_like(db, bias) if need[2] else None, None, None, None)
 
@@ -351,24 +356,27 @@ def _grad_like(g: Tensor, p: Tensor) -> Tensor:
 
 _batch_norm_fast = fast_apply(_BatchNormFast)
 
-_PLANS: dict[tuple, _BatchPlan] = {}
+_PLANS = PlanCache()
 
 
 def _plan(input, running_mean, running_var, weight, bias, training, eps) -> _BatchPlan | None:
-    """The plan of this signature (see row_norm.py's key for what tells tensors apart)."""
+    """The plan of this signature (`_plan_cache.py`: the tensors' own signatures, and the
+    other arguments and the state in the key); None for arguments that are not tensors."""
     try:
-        key = (input.shape, input.stride(), input.dtype, input.device, input.requires_grad,
-               input.is_neg(), tensor_signature(running_mean), tensor_signature(running_var),
-               tensor_signature(weight), tensor_signature(bias), training, eps,
-               torch.is_grad_enabled(), _backend._current, casts(input.device.type))
-    except (RuntimeError, AttributeError):  # no strides (strided nested), not a tensor
+        key = (input.shape, training, eps, running_mean is None, running_var is None,
+               weight is None, bias is None, torch.is_grad_enabled(), _backend._current,
+               casts(input.device.type))
+    except (RuntimeError, AttributeError):  # no sizes (strided nested)
         return None
-    plan = _PLANS.get(key)
+    tensors = (input, ABSENT[1] if running_mean is None else running_mean,
+               ABSENT[2] if running_var is None else running_var,
+               ABSENT[3] if weight is None else weight, ABSENT[4] if bias is None else bias)
+    plan = _PLANS.get(key, tensors)
     if plan is None:
-        if len(_PLANS) >= 4096:
-            _PLANS.clear()
-        plan = _PLANS[key] = _BatchPlan(input, running_mean, running_var, weight, bias,
-                                        training, eps)
+        if not all(isinstance(t, Tensor) for t in tensors):
+            return None  # (the general path raises torch's error)
+        plan = _BatchPlan(input, running_mean, running_var, weight, bias, training, eps)
+        _PLANS.put(key, tensors, plan)
     return plan
 
 

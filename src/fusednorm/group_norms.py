@@ -22,7 +22,8 @@ from fusednorm._channel_functions import BatchNormFn, BatchSpec, GroupNormFn, Gr
 from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
 from fusednorm._layout import as_ncs, from_layout, layout_strides, plan_input, torch_strides
 from fusednorm._ops import dispatch, needs_grad
-from fusednorm._route import eager_only, tensor_signature
+from fusednorm._plan_cache import ABSENT, PlanCache
+from fusednorm._route import eager_only
 from fusednorm.batch_norms import (
     KernelParams,
     _BatchNorm,
@@ -226,9 +227,10 @@ class _GroupNormFast(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan):
-        w, b = plan.params(weight, bias)
-        y, stats = plan.kernels.forward(x, w, b)
-        ctx.save_for_backward(x, w, b, stats, weight, bias)
+        y, stats = plan.kernels.forward(x, *plan.params(weight, bias))
+        # (the parameters' stand-ins or copies are made again by the backward: saving fewer
+        # tensors is the cheaper)
+        ctx.save_for_backward(x, weight, bias, stats)
         ctx.plan = plan
         ctx.set_materialize_grads(False)  # (see batch_norms._BatchNormFast)
         return y
@@ -237,15 +239,17 @@ class _GroupNormFast(torch.autograd.Function):
     def backward(ctx, dy):
         if dy is None:
             return None, None, None, None
-        x, w, b, stats, weight, bias = ctx.saved_tensors
+        x, weight, bias, stats = ctx.saved_tensors
         plan = ctx.plan
         if torch.is_grad_enabled():
             ctx.config = (plan.groups, plan.eps, plan.silu)
             return _double_backward_ready(ctx, x, weight, bias, dy)[:3] + (None,)
         if dy.stride() != plan.stride or dy.dtype != x.dtype:
             dy = torch.empty_like(x).copy_(dy)  # into x's layout and dtype
-        dx, dw, db = plan.kernels.backward(dy, x, w, b, stats)
+        dx, dw, db = plan.kernels.backward(dy, x, *plan.params(weight, bias), stats)
         need = ctx.needs_input_grad
+        if plan.params.as_is:  # (the gradients are in the parameters' dtype and shape)
+            return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None
         return (dx if need[0] else None,
                 _grad_like(dw, weight) if need[1] else None,
                 _grad_like(db, bias) if need[2] else None, None)
@@ -254,26 +258,25 @@ class _GroupNormFast(torch.autograd.Function):
 _group_norm_fast = fast_apply(_GroupNormFast)
 
 
-_PLANS: dict[tuple, _GroupPlan] = {}
+_PLANS = PlanCache()
 
 
 def _plan(input, num_groups, weight, bias, eps, silu) -> _GroupPlan:
-    """The plan of this signature (see row_norm.py's key for what tells tensors apart)."""
+    """The plan of this signature (`_plan_cache.py`: the tensors' own signatures, and the
+    other arguments and the state in the key)."""
     if type(input) is not Tensor:
         return _GroupPlan(input, num_groups, weight, bias, eps, silu)
-    device = input.device
     try:
-        key = (input.shape, input.stride(), input.dtype, device, input.requires_grad,
-               input.is_neg(), num_groups, tensor_signature(weight),
-               tensor_signature(bias), eps, silu, torch.is_grad_enabled(), _backend._current,
-               casts(device.type))
-    except (RuntimeError, AttributeError):  # no strides (strided nested), no tensor
+        key = (input.shape, num_groups, eps, silu, weight is None, bias is None,
+               torch.is_grad_enabled(), _backend._current, casts(input.device.type))
+    except (RuntimeError, AttributeError):  # no sizes (strided nested)
         return _GroupPlan(input, num_groups, weight, bias, eps, silu)
-    plan = _PLANS.get(key)
+    tensors = (input, ABSENT[1] if weight is None else weight,
+               ABSENT[2] if bias is None else bias)
+    plan = _PLANS.get(key, tensors)
     if plan is None:
-        if len(_PLANS) >= 4096:
-            _PLANS.clear()
-        plan = _PLANS[key] = _GroupPlan(input, num_groups, weight, bias, eps, silu)
+        plan = _GroupPlan(input, num_groups, weight, bias, eps, silu)
+        _PLANS.put(key, tensors, plan)
     return plan
 
 
@@ -292,14 +295,12 @@ def group_norm(
     float32 before the output is rounded). The output has torch's layout: channels last where
     torch suggests channels last for the input, else contiguous.
     """
-    silu = _silu_flag(activation)
+    silu = False if activation is None else _silu_flag(activation)
     # the common call first: a plain tensor in a plain state (the plan of its signature then
     # tells the tensors the kernels cannot read), else the way `_route` gives
     common = (type(input) is Tensor and not torch.compiler.is_compiling()
               and _route.plain_state())
     way = "kernels" if common else _route.way(input, weight, bias)
-    if way in ("export", "torch", "nested", "ops"):
-        return _torch_group_norm(input, num_groups, weight, bias, eps, silu)
     if way == "kernels":
         if common:
             input = unwrap_if_dead(input)
@@ -312,6 +313,8 @@ def group_norm(
             return plan.kernels.forward(input, *plan.params(weight, bias))[0]
         if plan.torch_op:
             return _torch_group_norm(input, num_groups, weight, bias, eps, silu)
+    elif way in ("export", "torch", "nested", "ops"):
+        return _torch_group_norm(input, num_groups, weight, bias, eps, silu)
     input, weight, bias = autocast_cast("group_norm", input, weight, bias)
     if not _group_norm_ok(input, num_groups, weight, bias, eps):
         # on the same tensors (see `batch_norms._replay` for why not on stand-ins)

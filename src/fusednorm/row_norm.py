@@ -24,7 +24,7 @@ from fusednorm._autocast import autocast_cast, casts
 from fusednorm._autograd import unwrap_if_dead
 from fusednorm._backend import use_backend
 from fusednorm._checks import as_rows
-from fusednorm._route import tensor_signature
+from fusednorm._plan_cache import ABSENT, PlanCache
 from fusednorm._row_functions import RowNorm
 from fusednorm._row_ops import bwd_op as _bwd_op
 from fusednorm._row_ops import bwd_op_fusable as _bwd_op_fusable
@@ -35,13 +35,12 @@ from fusednorm._row_plans import _double_backward_ready, _Plan, _run, draw_seed
 # ---------------------------------------------------------------------------------------------
 # The way of a call; the plans of plain calls, by signature.
 
-_PLANS: dict[tuple, _Plan] = {}
+_PLANS = PlanCache()
 _SHAPE_TYPES = (tuple, list, torch.Size)
 _transforms_active, _dispatch_modes = _route._transforms_active, _route._dispatch_modes
 _function_modes, _tracing_state = _route._function_modes, _route._tracing_state
 _forward_ad = torch.autograd.forward_ad
 _AUTOCAST_DEVICES = _autocast._FLOAT32_OPS  # (the devices whose autocast casts the norms)
-_MAX_PLANS = 4096
 
 
 def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
@@ -53,30 +52,27 @@ def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, resid
                 out_dtype, zero_centered, xhat_dtype, memory_efficient, is_rms)
         return _exported(*args) if torch.compiler.is_exporting() else _traced(*args)
     # Everything the checks, the layout and the autograd decision depend on (and the backend
-    # setting): a call with another signature never meets this plan. The negation bit tells
-    # apart tensors whose shape and strides a plain one can share (the layout is left out: a
-    # sparse or mkldnn tensor that met a plain one's plan could only make the kernel's
-    # data_ptr() raise). The state checks are `_route.plain_state`'s, inlined: every call
-    # pays them.
-    key = None
+    # setting): a call with another signature never meets this plan (`_plan_cache.py`). The
+    # state checks are `_route.plain_state`'s, inlined: every call pays them.
+    key = plan = None
     if (type(x) is Tensor and type(normalized_shape) in _SHAPE_TYPES
             and not (_transforms_active() or _forward_ad._current_level >= 0
                      or _dispatch_modes() or _function_modes() or _tracing_state() is not None)):
         x = unwrap_if_dead(x)
-        device = x.device
         try:
-            key = (is_rms, x.shape, x.stride(), x.dtype, device, x.requires_grad, x.is_neg(),
-                   normalized_shape if type(normalized_shape) is not list
-                   else tuple(normalized_shape), tensor_signature(weight),
-                   tensor_signature(bias), tensor_signature(residual), eps, dropout_p,
-                   residual_in_fp32, out_dtype, zero_centered, xhat_dtype, memory_efficient,
-                   torch.is_grad_enabled(), _backend._current,
-                   device.type in _AUTOCAST_DEVICES and casts(device.type))
-        except (RuntimeError, AttributeError):  # no strides (strided nested), no tensor
+            key = (is_rms, x.shape, normalized_shape if type(normalized_shape) is not list
+                   else tuple(normalized_shape), weight is None, bias is None, residual is None,
+                   eps, dropout_p, residual_in_fp32, out_dtype, zero_centered, xhat_dtype,
+                   memory_efficient, torch.is_grad_enabled(), _backend._current,
+                   x.device.type in _AUTOCAST_DEVICES and casts(x.device.type))
+        except (RuntimeError, AttributeError):  # no sizes (strided nested)
             key = None
         else:
-            plan = _PLANS.get(key)
-    if key is None or plan is None:
+            tensors = (x, ABSENT[1] if weight is None else weight,
+                       ABSENT[2] if bias is None else bias,
+                       ABSENT[3] if residual is None else residual)
+            plan = _PLANS.get(key, tensors)
+    if plan is None:
         args = (x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
                 out_dtype, zero_centered, xhat_dtype, memory_efficient, is_rms)
         if type(x) is not Tensor or (residual is not None and type(residual) is not Tensor):
@@ -95,9 +91,7 @@ def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, resid
             return _through_functions(*args)
         plan = _Plan(*args)
         if key is not None:
-            if len(_PLANS) >= _MAX_PLANS:
-                _PLANS.clear()
-            _PLANS[key] = plan
+            _PLANS.put(key, tensors, plan)
     return plan.run(plan, x, residual, weight, bias)
 
 
