@@ -33,8 +33,12 @@ def _guards() -> Callable | None:
             return TensorGuards(*tensors, dynamic_dims_sizes=None,
                                 dynamic_dims_strides=None).check
 
-        probe = guard(ABSENT[0])
-        works = probe(ABSENT[0]) and not probe(torch.empty(1))
+        # (what the plans rely on it to tell apart: sizes, strides, dtype, requires_grad)
+        probe = guard(torch.empty(2, 3), ABSENT[0])
+        works = probe(torch.empty(2, 3), ABSENT[0]) and not any(
+            probe(other, ABSENT[0]) for other in (
+                torch.empty(3, 2), torch.empty(3, 2).t(), torch.empty(2, 3, dtype=torch.float64),
+                torch.empty(2, 3, requires_grad=True)))
     except (ImportError, AttributeError, TypeError, RuntimeError):  # absent, or changed
         return None
     return guard if works else None
