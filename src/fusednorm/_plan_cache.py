@@ -97,7 +97,3 @@ class PlanCache:
         self._plans.setdefault(key, []).append((check, plan))
         self._count += 1
         self.latest = plan
-
-    def clear(self) -> None:
-        self._plans.clear()
-        self._count = 0
