@@ -28,7 +28,7 @@ from helpers import (
 )
 
 import fusednorm
-from fusednorm.cpu._channels import cl_rows
+from fusednorm.cpu._channels import BLOCK, cl_rows
 from fusednorm.group_norms import GroupNorm, InstanceNorm2d, group_norm
 from fusednorm.reference import group_norm_ref
 
@@ -184,6 +184,21 @@ def test_channels_last_statistics_far_from_their_pilot_values():
     n, c, h, w = 2, 8, 32, 40
     x = pilot_outliers(n, h * w, c, cl_rows(c))
     check(x.view(n, h, w, c).permute(0, 3, 1, 2), 2, randn(c), randn(c))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_channels_first_statistics_far_from_their_pilot_values(dtype):
+    # Each block's sums are taken about a pilot value, the median of its first, middle and last
+    # elements; here 1e3 in a group of mean near 0 (a spread near 40), where sums about it would
+    # amplify their rounding ~600x: they are taken again about the block's mean. Groups of 5120
+    # elements: blocks of 2048, 2048 and 1024.
+    n, c, h, w, groups = 2, 8, 32, 40, 2
+    x = randn(n, c, h, w)
+    rows = x.view(n * groups, -1)
+    for o in range(0, rows.shape[1], BLOCK):
+        k = min(BLOCK, rows.shape[1] - o)
+        rows[:, [o, o + k // 2, o + k - 1]] = 1e3
+    check(x.to(dtype), groups, randn(c, dtype=dtype), randn(c, dtype=dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

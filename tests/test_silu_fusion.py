@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_close_to_ref
 from torch import nn
 
 import fusednorm
@@ -72,15 +73,19 @@ def outputs_and_grads(model, args):
     args = [a.detach().requires_grad_() for a in args]
     model.zero_grad(set_to_none=True)
     out = model(*args)
-    torch.manual_seed(1)
-    (out * torch.randn_like(out)).sum().backward()
+    torch.manual_seed(1)  # (the same cotangent for a float64 copy)
+    (out * torch.randn(out.shape).to(out.dtype)).sum().backward()
     return [out.detach(), *(a.grad for a in args), *(p.grad for p in model.parameters())]
 
 
 def assert_same_model(model, reference, args):
-    for got, want in zip(outputs_and_grads(model, args), outputs_and_grads(reference, args),
-                         strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    """The patched model's output and gradients are the unpatched one's: both compared with a
+    float64 copy of the unpatched model (the project's tolerance, `assert_close_to_ref`)."""
+    exact = copy.deepcopy(reference).double()
+    for got, want, ref in zip(outputs_and_grads(model, args),
+                              outputs_and_grads(reference, args),
+                              outputs_and_grads(exact, [a.double() for a in args]), strict=True):
+        assert_close_to_ref(got, want, ref)
 
 
 @pytest.fixture

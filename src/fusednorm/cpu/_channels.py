@@ -24,7 +24,7 @@ from fusednorm._layout import conform, empty_layout  # noqa: F401 (the launchers
 from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, scratch, thread_cap
 from fusednorm.cpu._launch import threads as threads_for
 
-BLOCK = 2048  # elements per statistics block (channels first): its two passes stay in L1
+BLOCK = 2048  # elements per statistics block (channels first): a second pass stays in L1
 # Channels last: elements per span (rows × C), a task and a piece of the statistics (the
 # backward's sums read it from L2 again); and at most so many rows, each channel's sums running
 # down them in order (their rounding grows with the count, as torch's do).

@@ -30,7 +30,7 @@ import numpy as np
 
 from fusednorm.cpu._channels import CL_BWD as BWD
 from fusednorm.cpu._channels import CL_FWD as FWD
-from fusednorm.cpu.kernels._channels import chan, dsilu, moments, silu
+from fusednorm.cpu.kernels._channels import FAR, chan, dsilu, moments, silu
 from fusednorm.cpu.kernels._compile import cfunc
 from fusednorm.cpu.kernels._dtypes import (
     at,
@@ -47,9 +47,6 @@ from fusednorm.cpu.kernels._dtypes import (
     thread_id,
     view,
 )
-
-# a pilot value this far from the mean: (Σd)² / k > _FAR · Σd² (Σd² > 8x the sum about the mean)
-_FAR = 7.0 / 8.0
 
 
 def build_fwd(compute, x, params, activation):
@@ -149,7 +146,7 @@ def build_fwd(compute, x, params, activation):
                                 ss[c] += d * d
                         far = False
                         for c in range(c_):
-                            if sd[c] * sd[c] > _FAR * ct(nr) * ss[c]:  # (False for inf, NaN)
+                            if sd[c] * sd[c] > FAR * ct(nr) * ss[c]:  # (False for inf, NaN)
                                 far = True
                                 cm[c] += sd[c] / ct(nr)
                         if not far:
