@@ -26,7 +26,7 @@ from helpers import (
 
 import fusednorm
 from fusednorm.batch_norms import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
-from fusednorm.cpu._channels import cl_rows
+from fusednorm.cpu._channels import BLOCK, cl_rows
 from fusednorm.reference import batch_norm_ref
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -217,6 +217,18 @@ def test_channels_last_statistics_far_from_their_pilot_values():
     x = pilot_outliers(1, n * h * w, c, cl_rows(c))
     check(x.view(n, h, w, c).permute(0, 3, 1, 2), randn(c), randn(c), "cpu",
           running_stats(c, torch.float32, "cpu"))
+
+
+def test_channels_first_statistics_far_from_their_pilot_values():
+    # as test_group_norm's: each (n, c) row's blocks (rows of 2500 positions: 2048, then 452)
+    # summed about the median of their first, middle and last values, here 1e3 in a row of
+    # mean near 0; the sums are taken again about the block's mean
+    x = randn(3, 5, 50, 50)  # (an odd channel count: the last row is read with itself)
+    rows = x.view(15, -1)
+    for o in range(0, rows.shape[1], BLOCK):
+        k = min(BLOCK, rows.shape[1] - o)
+        rows[:, [o, o + k // 2, o + k - 1]] = 1e3
+    check(x, randn(5), randn(5), "cpu", running_stats(5, torch.float32, "cpu"))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -33,6 +33,21 @@ def _finite(builder, v):
 
 
 @intrinsic
+def pilot(typingctx, a, b, c):
+    """The median of a, b and c (three of a block's elements), 0 where it is not finite: the
+    value a block's deviations are summed about (`FAR`)."""
+    def codegen(context, builder, sig, args):
+        x, y, z = args
+        below = builder.fcmp_ordered("<", x, y)
+        lo, hi = builder.select(below, x, y), builder.select(below, y, x)
+        hi = builder.select(builder.fcmp_ordered("<", hi, z), hi, z)
+        m = builder.select(builder.fcmp_ordered(">", lo, hi), lo, hi)
+        return builder.select(_finite(builder, m), m, m.type(0.0))
+
+    return a(a, b, c), codegen
+
+
+@intrinsic
 def moments(typingctx, mean, sd, ss, k):
     """(mean, M2) in float64 of a block of k elements, from its provisional mean and the sums of
     the deviations from it, Σd and Σd² (compute type): the deviations' own sum corrects the

@@ -6,8 +6,8 @@ channel at a time strode across pages (up to 2.5x slower). Each kernel is one nu
 (see `layer_norm.py` for why).
 
 - Forward: N is split by its size alone into up to `CHUNKS` chunks of samples; a chunk's rows
-  (n, c) are read in order, two at a time, block by block (`BLOCK` elements: a provisional mean,
-  then the deviations' sums), each block merged into its channel's moments in float64 (`chan`);
+  (n, c) are read in order, two at a time, block by block (`BLOCK` elements: the deviations'
+  sums about a pilot value, `FAR`), each block merged into its channel's moments in float64 (`chan`);
   the chunks are merged in order per channel. Then y over all rows in memory order.
 - Backward: per chunk and channel Σdy and Σdy·(x - mean), the chunks added in order, then dx
   over all rows in memory order.
@@ -23,7 +23,7 @@ from fusednorm.cpu._channels import BLOCK
 from fusednorm.cpu.batch_norm import CF_BWD as BWD
 from fusednorm.cpu.batch_norm import CF_FWD as FWD
 from fusednorm.cpu.batch_norm import CHUNKS
-from fusednorm.cpu.kernels._channels import chan, moments
+from fusednorm.cpu.kernels._channels import FAR, chan, moments, pilot
 from fusednorm.cpu.kernels._compile import cfunc
 from fusednorm.cpu.kernels._dtypes import (
     at,
@@ -81,17 +81,27 @@ def build_fwd(compute, x, params):
                         for o in range(0, s_, BLOCK):
                             kb = imin(s_ - o, BLOCK)
                             blk, blk2 = view(row, o, kb), view(row2, o, kb)
-                            s, s2 = load(blk, 0), load(blk2, 0)
-                            for j in range(1, kb):
-                                s = radd(s, load(blk, j))
-                                s2 = radd(s2, load(blk2, j))
-                            bm, bm_2 = s / ct(kb), s2 / ct(kb)
-                            d, d2 = load(blk, 0) - bm, load(blk2, 0) - bm_2
-                            sd, ss, sd2, ss2 = d, d * d, d2, d2 * d2
-                            for j in range(1, kb):
-                                d, d2 = load(blk, j) - bm, load(blk2, j) - bm_2
-                                sd, sd2 = radd(sd, d), radd(sd2, d2)
-                                ss, ss2 = rfma(ss, d, d), rfma(ss2, d2, d2)
+                            # the deviations' sums about pilot values, read once (again about
+                            # a block's mean where its pilot lies far: `FAR`)
+                            mid = idiv(kb, 2)
+                            bm = pilot(load(blk, 0), load(blk, mid), load(blk, kb - 1))
+                            bm_2 = pilot(load(blk2, 0), load(blk2, mid), load(blk2, kb - 1))
+                            for _ in range(3):  # (twice at most, in practice)
+                                d, d2 = load(blk, 0) - bm, load(blk2, 0) - bm_2
+                                sd, ss, sd2, ss2 = d, d * d, d2, d2 * d2
+                                for j in range(1, kb):
+                                    d, d2 = load(blk, j) - bm, load(blk2, j) - bm_2
+                                    sd, sd2 = radd(sd, d), radd(sd2, d2)
+                                    ss, ss2 = rfma(ss, d, d), rfma(ss2, d2, d2)
+                                # (False for inf and NaN)
+                                far = sd * sd > FAR * ct(kb) * ss
+                                far2 = sd2 * sd2 > FAR * ct(kb) * ss2
+                                if not (far or far2):
+                                    break
+                                if far:
+                                    bm += sd / ct(kb)
+                                if far2:
+                                    bm_2 += sd2 / ct(kb)
                             bmean, bm2 = moments(bm, sd, ss, kb)
                             bmean2, bm22 = moments(bm_2, sd2, ss2, kb)
                             mu2, m22, _ = chan(mu2, m22, cnt, bmean2, bm22, kb)

@@ -30,7 +30,7 @@ import numpy as np
 
 from fusednorm.cpu._channels import CL_BWD as BWD
 from fusednorm.cpu._channels import CL_FWD as FWD
-from fusednorm.cpu.kernels._channels import FAR, chan, dsilu, moments, silu
+from fusednorm.cpu.kernels._channels import FAR, chan, dsilu, moments, pilot, silu
 from fusednorm.cpu.kernels._compile import cfunc
 from fusednorm.cpu.kernels._dtypes import (
     at,
@@ -129,11 +129,7 @@ def build_fwd(compute, x, params, activation):
                     # mean they give, as the exact two-pass would.
                     mid, last = idiv(nr, 2) * c_, (nr - 1) * c_
                     for c in range(c_):
-                        k0, k1, k2 = load(xs, c), load(xs, mid + c), load(xs, last + c)
-                        lo_, hi_ = (k0, k1) if k0 < k1 else (k1, k0)
-                        k1 = hi_ if hi_ < k2 else k2  # noqa: FURB136
-                        k0 = lo_ if lo_ > k1 else k1  # noqa: FURB136
-                        cm[c] = k0 if k0 - k0 == zero else zero
+                        cm[c] = pilot(load(xs, c), load(xs, mid + c), load(xs, last + c))
                     for _ in range(3):  # (twice at most, in practice)
                         for c in range(c_):
                             sd[c] = zero

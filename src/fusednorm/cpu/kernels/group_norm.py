@@ -27,7 +27,7 @@ import numpy as np
 from fusednorm.cpu._channels import BLOCK
 from fusednorm.cpu.group_norm import CF_BWD as BWD
 from fusednorm.cpu.group_norm import CF_FWD as FWD
-from fusednorm.cpu.kernels._channels import FAR, chan, dsilu, moments, silu
+from fusednorm.cpu.kernels._channels import FAR, chan, dsilu, moments, pilot, silu
 from fusednorm.cpu.kernels._compile import cfunc
 from fusednorm.cpu.kernels._dtypes import (
     at,
@@ -60,7 +60,7 @@ def build_fwd(compute, x, params, activation):
     def entry(block):
         a, f = ints(block, size), floats(block, size)
         n_, c_, s_, groups = a[n_s], a[c_s], a[s_s], a[g_s]
-        eps, one, zero = ct(f[eps_]), ct(1), ct(0)
+        eps, one = ct(f[eps_]), ct(1)
         x, y = at(a[x_], n_ * c_ * s_, xt), at(a[y_], n_ * c_ * s_, xt)
         w, b = at(a[w_], c_, pt), at(a[b_], c_, pt)
         mean, var = at(a[mean_], n_ * groups, ct), at(a[var_], n_ * groups, ct)
@@ -77,11 +77,7 @@ def build_fwd(compute, x, params, activation):
                 # middle and last elements (0 if not finite), so that the block is read once
                 # (its own mean first made it twice: the forward took 1.4x the time); where
                 # the pilot lies far from the block's mean (`FAR`), again about that mean
-                k0, k1, k2 = load(blk, 0), load(blk, idiv(k, 2)), load(blk, k - 1)
-                lo_, hi_ = (k0, k1) if k0 < k1 else (k1, k0)
-                k1 = hi_ if hi_ < k2 else k2  # noqa: FURB136
-                k0 = lo_ if lo_ > k1 else k1  # noqa: FURB136
-                bm = k0 if k0 - k0 == zero else zero
+                bm = pilot(load(blk, 0), load(blk, idiv(k, 2)), load(blk, k - 1))
                 for _ in range(3):  # (twice at most, in practice)
                     d = load(blk, 0) - bm
                     sd, ss = d, d * d
