@@ -8,8 +8,9 @@ small, and the kernels call these in several places.
 Statistics are taken per block of elements by a corrected two-pass in the compute type (a
 provisional mean, then the sums of the deviations from it; the provisional mean a pilot value,
 the median of three of the block's elements, so that the block is read once: `FAR`) and merged
-block by block in float64 with Chan's formula: a float32 running mean would gain a rounding error per merge,
-which a mean far from zero (1e4 with unit spread) turns into visible gradient errors.
+block by block in float64 with Chan's formula: a float32 running mean would gain a rounding
+error per merge, which a mean far from zero (1e4 with unit spread) turns into visible gradient
+errors.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ channel at a time strode across pages (up to 2.5x slower). Each kernel is one nu
 
 - Forward: N is split by its size alone into up to `CHUNKS` chunks of samples; a chunk's rows
   (n, c) are read in order, two at a time, block by block (`BLOCK` elements: the deviations'
-  sums about a pilot value, `FAR`), each block merged into its channel's moments in float64 (`chan`);
+  sums about a pilot value, `FAR`), each block merged into its channel's moments in float64
+  (`chan`);
   the chunks are merged in order per channel. Then y over all rows in memory order.
 - Backward: per chunk and channel Σdy and Σdy·(x - mean), the chunks added in order, then dx
   over all rows in memory order.
