@@ -7,6 +7,7 @@ The shapes are the issue's: (1, 256, 1, 1) with 32 groups (8 channels of one pos
 Triton runs interpreted in CI, hence its smaller shapes.
 """
 
+import concurrent.futures
 import importlib
 
 import pytest
@@ -401,6 +402,28 @@ def test_cpu_result_does_not_depend_on_thread_count(channels_last, activation):
     for threads, run in zip(THREAD_COUNTS[1:], runs[1:]):
         for a, b_ in zip(runs[0], run):
             assert torch.equal(a, b_), threads
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_python_threads_calling_one_module_at_once_get_their_own_results(channels_last):
+    """Inference from several Python threads through one module (one launch plan, kernels
+    running side by side with the GIL released): each call's scratch and statistics stay its
+    own (channels last fails with one scratch buffer for all threads)."""
+    module = fusednorm.GroupNorm(4, 16)
+    inputs = [randn(2, 16, 48, 48, mean=float(i), std=1.0 + i) for i in range(4)]
+    if channels_last:
+        inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
+    with torch.no_grad():
+        alone = [module(x) for x in inputs]  # (one call at a time: the same bits, by design)
+
+    def run(i):
+        with torch.no_grad():
+            for _ in range(100):
+                assert torch.equal(module(inputs[i]), alone[i])
+
+    with concurrent.futures.ThreadPoolExecutor(len(inputs)) as pool:
+        for done in [pool.submit(run, i) for i in range(len(inputs))]:
+            done.result()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -113,3 +113,23 @@ def test_absent_and_repeated_tensors_find_their_plan(name, check):
                       for filed in cache._plans.values() for guard, plan in filed)
         # (absent tensors have stand-ins of their own, so those calls keep the quick check)
         assert guarded == (check == "guard" and weight is None)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_call_outside_autocast_and_inside_it_find_a_plan_each(name, check, monkeypatch):
+    """The same call outside autocast, inside it, then outside again: each gets the dtype of
+    CUDA's policy (given to the CPU here), float32 inside where torch casts the op."""
+    from fusednorm._autocast import _FLOAT32_OPS
+
+    monkeypatch.setitem(_FLOAT32_OPS, "cpu", _FLOAT32_OPS["cuda"])
+    call = CASES[name]
+    x = randn(*SHAPE, dtype=torch.bfloat16)
+    w, b = (p.detach().bfloat16() for p in _params(name))
+    cast = name != "batch_norm"  # (torch's CUDA autocast leaves batch_norm alone)
+    for inside in (False, True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+            y = call(fusednorm, x, w, b)
+        theirs = (call(F, x.float(), w.float(), b.float()) if inside and cast
+                  else call(F, x, w, b))
+        assert y.dtype == theirs.dtype, (inside, y.dtype)
+        torch.testing.assert_close(y, theirs, rtol=2e-2, atol=2e-2)  # (bfloat16's rounding)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusednorm import _backend, _route
-from fusednorm._autocast import casts
+from fusednorm._autocast import casts, casts_on
 from fusednorm._autograd import fast_apply, unwrap_if_dead
 from fusednorm._backend import kernels, resolve
 from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
@@ -365,7 +365,7 @@ def _plan(input, running_mean, running_var, weight, bias, training, eps) -> _Bat
     try:
         key = (input.shape, training, eps, running_mean is None, running_var is None,
                weight is None, bias is None, torch.is_grad_enabled(), _backend._current,
-               casts(input.device.type))
+               casts_on(input))
     except (RuntimeError, AttributeError):  # no sizes (strided nested)
         return None
     tensors = (input, ABSENT[1] if running_mean is None else running_mean,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusednorm import _backend, _route
-from fusednorm._autocast import autocast_cast, casts
+from fusednorm._autocast import autocast_cast, casts, casts_on
 from fusednorm._autograd import fast_apply, unwrap_if_dead
 from fusednorm._backend import kernels, resolve
 from fusednorm._channel_functions import BatchNormFn, BatchSpec, GroupNormFn, GroupSpec
@@ -268,7 +268,7 @@ def _plan(input, num_groups, weight, bias, eps, silu) -> _GroupPlan:
         return _GroupPlan(input, num_groups, weight, bias, eps, silu)
     try:
         key = (input.shape, num_groups, eps, silu, weight is None, bias is None,
-               torch.is_grad_enabled(), _backend._current, casts(input.device.type))
+               torch.is_grad_enabled(), _backend._current, casts_on(input))
     except (RuntimeError, AttributeError):  # no sizes (strided nested)
         return _GroupPlan(input, num_groups, weight, bias, eps, silu)
     tensors = (input, ABSENT[1] if weight is None else weight,
@@ -310,7 +310,7 @@ def group_norm(
                 input = input.contiguous(memory_format=plan.copy_to)
             if plan.needs_grad:
                 return _group_norm_fast(input, weight, bias, plan)
-            return plan.kernels.forward(input, *plan.params(weight, bias))[0]
+            return plan.kernels.output(input, *plan.params(weight, bias))
         if plan.torch_op:
             return _torch_group_norm(input, num_groups, weight, bias, eps, silu)
     elif way in ("export", "torch", "nested", "ops"):

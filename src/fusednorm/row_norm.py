@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fusednorm import _autocast, _backend, _dtensor, _export, _inductor, _nested, _route
-from fusednorm._autocast import autocast_cast, casts
+from fusednorm import _backend, _dtensor, _export, _inductor, _nested, _route
+from fusednorm._autocast import autocast_cast, casts_on
 from fusednorm._autograd import unwrap_if_dead
 from fusednorm._backend import use_backend
 from fusednorm._checks import as_rows
@@ -40,7 +40,6 @@ _SHAPE_TYPES = (tuple, list, torch.Size)
 _transforms_active, _dispatch_modes = _route._transforms_active, _route._dispatch_modes
 _function_modes, _tracing_state = _route._function_modes, _route._tracing_state
 _forward_ad = torch.autograd.forward_ad
-_AUTOCAST_DEVICES = _autocast._FLOAT32_OPS  # (the devices whose autocast casts the norms)
 
 
 def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, residual_in_fp32,
@@ -64,7 +63,7 @@ def _row_norm(x, normalized_shape, weight, bias, eps, residual, dropout_p, resid
                    else tuple(normalized_shape), weight is None, bias is None, residual is None,
                    eps, dropout_p, residual_in_fp32, out_dtype, zero_centered, xhat_dtype,
                    memory_efficient, torch.is_grad_enabled(), _backend._current,
-                   x.device.type in _AUTOCAST_DEVICES and casts(x.device.type))
+                   casts_on(x))
         except (RuntimeError, AttributeError):  # no sizes (strided nested)
             key = None
         else:
