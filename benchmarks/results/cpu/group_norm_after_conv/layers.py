@@ -1,5 +1,6 @@
+"""python layers.py: GroupNorm (1, 128, 16, 16) float32 through torch's module, ours, our function and
+our inlined fast path (stages_lib.path), each call right after a 3x3 convolution of its input."""
 import time, torch, statistics, sys
-sys.argv = [sys.argv[0], "128", "16"]
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 import stages_lib as S
 import fusednorm

@@ -1,15 +1,19 @@
-import time, torch, statistics, sys
-import fusednorm
-from fusednorm import group_norms as G, _route
+"""GroupNorm's no-grad fast path (group_norms.group_norm, as of main at 83c9352) inlined, with a
+time stamp appended to T after each stage; the kernel's statistics go to the plan's spare buffer,
+which a call through the module has made first."""
+import time
+
+import torch
+
+from fusednorm import _route
+from fusednorm import group_norms as G
 from fusednorm._autograd import unwrap_if_dead
-from fusednorm.cpu.group_norm import CF_FWD
 from fusednorm.cpu._launch import threads
-torch.manual_seed(0)
-C, H = 128, 16
-conv1 = torch.nn.Conv2d(C, C, 3, padding=1)
-x = torch.randn(1, C, H, H)
-go = fusednorm.GroupNorm(32, C)
+from fusednorm.cpu.group_norm import CF_FWD
+
 pc = time.perf_counter_ns
+
+
 def path(input, weight, bias, T):
     T.append(pc())
     common = (type(input) is torch.Tensor and not torch.compiler.is_compiling() and _route.plain_state())
