@@ -69,6 +69,10 @@ def test_cli_writes_results_and_marks_wrong_providers(tmp_path, monkeypatch, cap
     assert len(ours) == 2 * 3 * 2  # (op, mode, shape)
     assert all(r["status"] == "ok" for r in ours), [r for r in ours if r["status"] != "ok"]
     assert rc == 0
+    # the round-by-round ratio to torch, for every timed provider but torch (two rounds: too
+    # few for an interval)
+    assert all(float(r["vs_torch_rounds"]) > 0 and r["vs_torch_ci95_lo"] == "" for r in ours)
+    assert all(r["vs_torch_rounds"] == "" for r in rows if r["provider"] == "torch")
     saved = json.loads((tmp_path / "results.json").read_text())
     meta = saved["meta"]
     torch_row = next(r for r in saved["results"] if r["provider"] == "torch")
@@ -144,3 +148,56 @@ def test_vmap_suite_counts_one_launch_per_vmapped_call():
     assert row["launches"] == 1
     assert row["ours_ms"] > 0 and row["torch_over_ours"] > 0 and row["loop_over_ours"] > 0
     assert "tiny" in transforms.table([row])
+
+
+def test_median_interval_is_the_sign_test_interval():
+    """The 95% interval of a median: the order statistics of the published sign-test tables
+    (n = 10: 2nd and 9th; 15: 4th and 12th; 25: 8th and 18th), none for 5 values, and on
+    normal samples it holds the true median at least 95% of the time (about 96% for n = 25)."""
+    import random
+
+    from fusednorm.bench import timing
+
+    for n, (lo, hi) in {10: (2, 9), 15: (4, 12), 25: (8, 18)}.items():
+        values = [float(v) for v in range(n, 0, -1)]  # (any order)
+        assert timing.median_interval(values) == (lo, hi)
+    assert timing.median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None
+    assert timing.median_interval([1.0] * 6) == (1.0, 1.0)
+    rng = random.Random(0)
+    sets = 4000
+    held = sum(lo <= 0.0 <= hi for lo, hi in (
+        timing.median_interval([rng.gauss(0, 1) for _ in range(25)]) for _ in range(sets)))
+    assert 0.945 <= held / sets <= 0.975  # exact: 1 - 2 P(Bin(25, 1/2) <= 7) = 0.957
+
+
+def test_models_table_shows_the_interval():
+    from fusednorm.bench import models
+
+    row = {"case": "unet infer 1x32x32 float32", "variant": "eager", "unpatched_ms": 40.0,
+           "patched_ms": 39.0, "speedup": 1.02, "speedup_q1": 0.99, "speedup_q3": 1.05,
+           "speedup_cpu": 1.01, "speedup_cpu_q1": 0.98, "speedup_cpu_q3": 1.04}
+    assert "0.995-1.031" in models.table([{**row, "speedup_ci95": [0.995, 1.031]}])
+    assert "(95% CI)" in models.table([{**row, "speedup_ci95": None}])
+
+
+def test_the_first_measurement_of_a_process_is_dropped(tmp_path, monkeypatch):
+    """The table's first timing of a process is taken twice, the first one thrown away (it read
+    the provider warmed up first 25-50% slow); every later case and mode is timed once."""
+    from fusednorm.bench import timing
+
+    taken = []
+    measure = timing.measure
+
+    def counted(calls, *args, **kwargs):
+        taken.append(sorted(calls))
+        return measure(calls, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "_WARMED", [])
+    monkeypatch.setattr(timing, "measure", counted)
+    monkeypatch.setitem(cli.TIMING, "quick",
+                        {"min_sample_s": 1e-4, "budget_s": 0, "rounds": (2, 2)})
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--ops", "layer_norm", "--dtypes",
+                     "float32", "--modes", "fwd,fwdbwd", "--shapes", "8x64,16x64", "--out",
+                     str(tmp_path), "--providers", "fusednorm,torch"]) == 0
+    assert len(taken) == 2 * 2 + 1  # (shapes x modes, and the dropped one)
+    assert taken[0] == taken[1] == ["copy", "fusednorm", "torch"]

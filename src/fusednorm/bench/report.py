@@ -19,7 +19,8 @@ import torch
 
 FIELDS = ("op", "dtype", "mode", "shape", "input_shape", "tag", "M", "N", "provider", "status",
           "time_us", "time_min_us", "time_q1_us", "time_q3_us", "samples", "bytes", "gbps",
-          "pct_copy", "mem_bytes", "worst_err_ratio", "note")
+          "pct_copy", "mem_bytes", "worst_err_ratio", "note", "vs_torch_rounds",
+          "vs_torch_ci95_lo", "vs_torch_ci95_hi")
 META_FIELDS = ("device", "torch", "triton", "numba")
 PACKAGES = ("torch", "triton", "numba", "fusednorm", "liger-kernel", "quack-kernels", "apex",
             "matplotlib")
@@ -103,11 +104,18 @@ def block(rows: list[dict]) -> str:
         gbps = "-" if r["gbps"] is None else f"{r['gbps']:.4g}"
         lines.append(f"  {r['provider']:<10} {_time(t):>10} {gbps:>9} {pct:>7} {mem:>8}"
                      + ratios)
+    for r in rows:
+        if r.get("vs_torch_ci95_lo") is not None:
+            lines.append(f"  {r['provider']} vs torch round by round: "
+                         f"{r['vs_torch_rounds']:.2f}x (95% CI {r['vs_torch_ci95_lo']:.2f}-"
+                         f"{r['vs_torch_ci95_hi']:.2f})")
     return "\n".join(lines)
 
 
-LEGEND = ("vs P = time of P / time of this line (above 1: faster than P). GB/s counts the bytes "
-          "every implementation must move; % copy compares with x.clone() timed in the same run.")
+LEGEND = ("vs P = time of P / time of this line (above 1: faster than P); \"round by round\": "
+          "the median of the rounds' own ratios, with its 95% confidence interval. GB/s counts "
+          "the bytes every implementation must move; % copy compares with x.clone() timed in the "
+          "same run.")
 
 
 def overhead_summary(rows: list[dict]) -> str:

@@ -37,6 +37,31 @@ def calls_per_sample(fn: Callable[[], object], min_sample_s: float) -> int:
         k *= 2
 
 
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A confidence interval of the median of independent samples, whatever their distribution:
+    the order statistics x(r) and x(n+1-r), r the largest rank with P(Bin(n, 1/2) < r) at most
+    (1 - level)/2 (the sign test's). None when n is too small for that level (5 or fewer at
+    95%). On these noisy machines it says whether a speed-up's median is shown above or below
+    1.0, or not resolved by the rounds run."""
+    n, tail = len(values), (1 - level) / 2
+    r, below = 0, 0.0
+    while r < n and below + math.comb(n, r) / 2**n <= tail:
+        below += math.comb(n, r) / 2**n
+        r += 1
+    if r == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[r - 1], ordered[n - r]
+
+
+def per_round(theirs: dict, ours: dict) -> dict[str, float | None]:
+    """Their time / ours, round by round (two entries of `measure`): the median and its 95%
+    interval (`median_interval`; None where the rounds are too few)."""
+    ratios = [t / o for t, o in zip(theirs["rounds"], ours["rounds"])]
+    lo_hi = median_interval(ratios) or (None, None)
+    return {"median": statistics.median(ratios), "ci95_lo": lo_hi[0], "ci95_hi": lo_hi[1]}
+
+
 def n_copies(device: str, case_bytes: int) -> int:
     if device != "cuda":
         return 1
@@ -113,7 +138,8 @@ def _clock(device: str) -> Callable[[Callable[[], object], int], float]:
 
 def measure(calls: dict[str, Callable[[], object]], device: str, min_sample_s: float,
             budget_s: float, rounds: tuple[int, int]) -> dict[str, dict[str, float]]:
-    """Per call name: median, min, q1, q3 of the per-call time (seconds), and the sample count."""
+    """Per call name: median, min, q1, q3 of the per-call time (seconds), the sample count, and
+    the samples in round order ("rounds": the i-th of each name's were taken in one round)."""
     clock = _clock(device)
 
     def elapsed(call, k):
@@ -139,7 +165,8 @@ def measure(calls: dict[str, Callable[[], object]], device: str, min_sample_s: f
     for name, xs in samples.items():
         q1, _, q3 = statistics.quantiles(xs, n=4) if len(xs) > 1 else (xs[0],) * 3
         stats[name] = {"median": statistics.median(xs), "min": min(xs), "q1": q1, "q3": q3,
-                       "samples": len(xs), "calls_per_sample": k[name]}
+                       "samples": len(xs), "calls_per_sample": k[name],
+                       "rounds": xs}  # (one sample per round, in round order)
     return stats
 
 
