@@ -192,7 +192,7 @@ def test_the_first_measurement_of_a_process_is_dropped(tmp_path, monkeypatch):
         taken.append(sorted(calls))
         return measure(calls, *args, **kwargs)
 
-    monkeypatch.setattr(cli, "_WARMED", [])
+    monkeypatch.setattr(cli, "_warmed", False)
     monkeypatch.setattr(timing, "measure", counted)
     monkeypatch.setitem(cli.TIMING, "quick",
                         {"min_sample_s": 1e-4, "budget_s": 0, "rounds": (2, 2)})

@@ -31,7 +31,7 @@ TIMING = {  # min_sample_s: shortest sample; budget_s: time aimed at per case an
     "quick": {"min_sample_s": 2e-3, "budget_s": 1.0, "rounds": (5, 15)},
     "full": {"min_sample_s": 5e-3, "budget_s": 3.0, "rounds": (7, 25)},
 }
-_WARMED: list[bool] = []  # (see run_case)
+_warmed = False  # whether this process has taken (and dropped) its first measurement
 QUICK_NOTE = ("--quick leaves torch.compile out (its first compilation alone takes ~20 s on a "
               "small CPU); add it with --providers fusednorm,torch,compile")
 
@@ -184,12 +184,13 @@ def run_case(op, dtype, shape, ishape, args, progress, skipped) -> list[dict]:
         if dev == "cuda" and shape.tag in ("tiny", "small"):
             calls["launch"] = timing.launch_call(dev)
         settings = TIMING["quick" if args.quick else "full"]
-        if not _WARMED:
+        global _warmed
+        if not _warmed:
             # The first measurement of a process reads the provider warmed up first 25-50%
             # slow, whichever it is (the rounds alternate; a second measurement of the same
             # case does not): it is taken once and dropped.
             timing.measure(calls, dev, **settings)
-            _WARMED.append(True)
+            _warmed = True
         stats = timing.measure(calls, dev, **settings)
         moved = {"copy": copy_bytes, "launch": 0}
         moved.update(dict.fromkeys(fns, cases.bytes_moved(op, mode, ishape, dtype)))

@@ -44,10 +44,10 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
     95%). On these noisy machines it says whether a speed-up's median is shown above or below
     1.0, or not resolved by the rounds run."""
     n, tail = len(values), (1 - level) / 2
-    r, below = 0, 0.0
-    while r < n and below + math.comb(n, r) / 2**n <= tail:
-        below += math.comb(n, r) / 2**n
+    r, below = 0, math.comb(n, 0) / 2**n  # below: P(Bin(n, 1/2) <= r)
+    while r < n and below <= tail:
         r += 1
+        below += math.comb(n, r) / 2**n
     if r == 0:
         return None
     ordered = sorted(values)
