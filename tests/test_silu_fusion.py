@@ -145,6 +145,33 @@ def test_a_configuration_change_stops_the_fusion(kernel_silu):
     assert kernel_silu == ["silu", None]
 
 
+def test_an_equal_configuration_keeps_the_fusion(kernel_silu):
+    """The guards compare the attribute with the object it held when fused; another object of
+    the same value still passes the test itself."""
+    model = Block()
+    fusednorm.patch(model, fuse_activation=True)
+    equal = b"default".decode()
+    assert equal == model.mode and equal is not model.mode
+    model.mode = equal
+    with torch.no_grad():
+        model(*inputs())
+    assert kernel_silu == ["silu", "silu"]
+
+
+def test_another_holder_of_the_same_class_gets_the_plain_norm(kernel_silu):
+    """A block of the holder's class that calls the fused norm (shared after patching) sends its
+    output into its own, plain SiLU: the norm must not have applied one."""
+    torch.manual_seed(0)
+    patched = Block()
+    fusednorm.patch(patched, fuse_activation=True)
+    other = Block()
+    other.norm1 = patched.norm1
+    reference = Block()
+    reference.load_state_dict(other.state_dict())
+    assert_same_model(other, reference, inputs())
+    assert kernel_silu[0] is None
+
+
 def test_a_configuration_that_reads_the_output_is_not_fused():
     model = Block(mode="other")
     report = fusednorm.patch(model, fuse_activation=True)

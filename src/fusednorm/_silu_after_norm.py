@@ -20,6 +20,12 @@ output tensor; the SiLU module returns a marked tensor as
 it is (unmarking it) and applies SiLU to anything else (the same module also takes a time
 embedding in diffusers' blocks). Under torch.compile and TorchScript both modules compute
 what the originals do, unfused.
+
+Every check is on each call's way, inside models where the Python around a kernel runs
+cache-cold (a few µs a step costs a percent of a small model's inference): the frame is looked
+up where a plain module call puts it, and the guards' attributes are compared by identity with
+the objects they held when the norm was fused (immutable constants: the same object, the same
+tests), the tests themselves evaluated only once an attribute has been reassigned.
 """
 
 import ast
@@ -38,6 +44,7 @@ from fusednorm.group_norms import GroupNorm, group_norm
 
 _MARK = "_fusednorm_silu_applied"
 _is_scripting = torch.jit.is_scripting
+_getframe = sys._getframe
 
 
 @torch.jit.unused
@@ -62,12 +69,11 @@ class GroupNormThenSiLU(GroupNorm):
 
     @torch.jit.unused
     def _fused(self, input: Tensor) -> Tensor:
-        holder, guards, code = self._fusednorm_fusion
+        holder, guards, code, held = self._fusednorm_fusion
         parent = holder()
-        fuse = (type(input) is Tensor and not torch.compiler.is_compiling()
-                and parent is not None and _called_from(code, parent)
-                and all(_test(getattr(parent, attr, None), op, const) == value
-                        for attr, op, const, value in guards))
+        fuse = (type(input) is Tensor and parent is not None
+                and not torch.compiler.is_compiling() and _called_from(code, parent)
+                and _guards_hold(parent, guards, held))
         y = group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
                        activation="silu" if fuse else None)
         if fuse:
@@ -76,16 +82,32 @@ class GroupNormThenSiLU(GroupNorm):
 
 
 def _called_from(code, holder: nn.Module) -> bool:
-    """Whether the holder's forward (`code`) called this norm: it sits three to six frames above
-    `_fused` (the module call's own frames; hooks add none)."""
-    frame = sys._getframe(3)
-    for _ in range(4):
-        if frame is None:
+    """Whether the holder's forward (`code`) called this norm: five frames up in a plain module
+    call (this one, `_fused`, forward and the module call's two; hooks add none), else three to
+    six (a torch whose module call takes other frames)."""
+    try:
+        frame = _getframe(5)
+    except ValueError:  # (a stack not that deep: not called from a module's forward)
+        return False
+    if frame.f_code is not code:
+        frame = _getframe(3)
+        for _ in range(4):
+            if frame is None or frame.f_code is code:
+                break
+            frame = frame.f_back
+        else:
             return False
-        if frame.f_code is code:
-            return frame.f_locals.get("self") is holder
-        frame = frame.f_back
-    return False
+    return frame is not None and frame.f_locals.get("self") is holder
+
+
+def _guards_hold(holder: nn.Module, guards: tuple[tuple, ...], held: tuple[tuple, ...]) -> bool:
+    """Whether every guard holds: each attribute still the object it was when the norm was
+    fused (constants: so every test as it was), else the tests themselves."""
+    for attr, value in held:
+        if getattr(holder, attr, None) is not value:
+            return all(_test(getattr(holder, a, None), op, const) == v
+                       for a, op, const, v in guards)
+    return True
 
 
 class SiLUAfterNorm(nn.SiLU):
@@ -239,4 +261,5 @@ def fuse(new: nn.Module, holder: nn.Module, guards: tuple[tuple, ...]) -> None:
     """Make `new` (fusednorm's GroupNorm in the holder's norm's place) a GroupNormThenSiLU."""
     new.__class__ = GroupNormThenSiLU
     code = inspect.unwrap(type(holder).forward).__code__  # (what runs in the holder's frame)
-    new.__dict__["_fusednorm_fusion"] = (weakref.ref(holder), guards, code)
+    held = tuple((attr, getattr(holder, attr, None)) for attr in sorted({g[0] for g in guards}))
+    new.__dict__["_fusednorm_fusion"] = (weakref.ref(holder), guards, code, held)

@@ -37,6 +37,9 @@ from fusednorm.batch_norms import (
 )
 
 ACTIVATIONS = (None, "silu")
+_transforms_active, _dispatch_modes = _route._transforms_active, _route._dispatch_modes
+_function_modes, _tracing_state = _route._function_modes, _route._tracing_state
+_forward_ad = torch.autograd.forward_ad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +216,8 @@ class _GroupPlan:
         c = x.shape[1]
         self.ct, self.stride = ct, torch_strides(x, "group")  # (x's, or its copy's)
         self.params = KernelParams(weight, bias, c, ct)
+        # the parameters are what the kernels take, as they are (`params` would return them)
+        self.direct = self.params.as_is and weight is not None and bias is not None
         self.needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias))
         from fusednorm.cpu.group_norm import GroupNormPlan
@@ -227,7 +232,10 @@ class _GroupNormFast(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan):
-        y, stats = plan.kernels.forward(x, *plan.params(weight, bias))
+        if plan.direct:
+            y, stats = plan.kernels.forward(x, weight, bias)
+        else:
+            y, stats = plan.kernels.forward(x, *plan.params(weight, bias))
         # (the parameters' stand-ins or copies are made again by the backward: saving fewer
         # tensors is the cheaper)
         ctx.save_for_backward(x, weight, bias, stats)
@@ -246,7 +254,10 @@ class _GroupNormFast(torch.autograd.Function):
             return _double_backward_ready(ctx, x, weight, bias, dy)[:3] + (None,)
         if dy.stride() != plan.stride or dy.dtype != x.dtype:
             dy = torch.empty_like(x).copy_(dy)  # into x's layout and dtype
-        dx, dw, db = plan.kernels.backward(dy, x, *plan.params(weight, bias), stats)
+        if plan.direct:
+            dx, dw, db = plan.kernels.backward(dy, x, weight, bias, stats)
+        else:
+            dx, dw, db = plan.kernels.backward(dy, x, *plan.params(weight, bias), stats)
         need = ctx.needs_input_grad
         if plan.params.as_is:  # (the gradients are in the parameters' dtype and shape)
             return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None
@@ -259,25 +270,6 @@ _group_norm_fast = fast_apply(_GroupNormFast)
 
 
 _PLANS = PlanCache()
-
-
-def _plan(input, num_groups, weight, bias, eps, silu) -> _GroupPlan:
-    """The plan of this signature (`_plan_cache.py`: the tensors' own signatures, and the
-    other arguments and the state in the key)."""
-    if type(input) is not Tensor:
-        return _GroupPlan(input, num_groups, weight, bias, eps, silu)
-    try:
-        key = (input.shape, num_groups, eps, silu, weight is None, bias is None,
-               torch.is_grad_enabled(), _backend._current, casts_on(input))
-    except (RuntimeError, AttributeError):  # no sizes (strided nested)
-        return _GroupPlan(input, num_groups, weight, bias, eps, silu)
-    tensors = (input, ABSENT[1] if weight is None else weight,
-               ABSENT[2] if bias is None else bias)
-    plan = _PLANS.get(key, tensors)
-    if plan is None:
-        plan = _GroupPlan(input, num_groups, weight, bias, eps, silu)
-        _PLANS.put(key, tensors, plan)
-    return plan
 
 
 def group_norm(
@@ -296,20 +288,40 @@ def group_norm(
     torch suggests channels last for the input, else contiguous.
     """
     silu = False if activation is None else _silu_flag(activation)
-    # the common call first: a plain tensor in a plain state (the plan of its signature then
-    # tells the tensors the kernels cannot read), else the way `_route` gives
+    # The common call first: a plain tensor in a plain state (`_route.plain_state`, inlined:
+    # inside a model this Python runs cache-cold, each call a few µs more than in a loop), then
+    # the plan of its signature (`_plan_cache.py`: the tensors' own signatures, and the other
+    # arguments and the state in the key), which tells the tensors the kernels cannot read;
+    # else the way `_route` gives.
     common = (type(input) is Tensor and not torch.compiler.is_compiling()
-              and _route.plain_state())
+              and not (_transforms_active() or _forward_ad._current_level >= 0
+                       or _dispatch_modes() or _function_modes() or _tracing_state() is not None))
     way = "kernels" if common else _route.way(input, weight, bias)
     if way == "kernels":
+        plan = None
         if common:
             input = unwrap_if_dead(input)
-        plan = _plan(input, num_groups, weight, bias, eps, silu)
+            try:
+                key = (input.shape, num_groups, eps, silu, weight is None, bias is None,
+                       torch.is_grad_enabled(), _backend._current, casts_on(input))
+            except (RuntimeError, AttributeError):  # no sizes (strided nested)
+                pass
+            else:
+                tensors = (input, ABSENT[1] if weight is None else weight,
+                           ABSENT[2] if bias is None else bias)
+                plan = _PLANS.get(key, tensors)
+                if plan is None:
+                    plan = _GroupPlan(input, num_groups, weight, bias, eps, silu)
+                    _PLANS.put(key, tensors, plan)
+        if plan is None:  # (a Parameter as the input, a tensor without sizes: not filed)
+            plan = _GroupPlan(input, num_groups, weight, bias, eps, silu)
         if plan.fast:
             if plan.copy_to is not None:
                 input = input.contiguous(memory_format=plan.copy_to)
             if plan.needs_grad:
                 return _group_norm_fast(input, weight, bias, plan)
+            if plan.direct:
+                return plan.kernels.output(input, weight, bias)
             return plan.kernels.output(input, *plan.params(weight, bias))
         if plan.torch_op:
             return _torch_group_norm(input, num_groups, weight, bias, eps, silu)

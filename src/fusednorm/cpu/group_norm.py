@@ -26,8 +26,9 @@ from fusednorm.cpu._channels import (
     empty_layout,
     itemsize,
 )
-from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, thread_cap, threads
+from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, thread_cap
 
+_num_threads = torch.get_num_threads
 _FIXED = ("n", "c", "s", "groups")
 CF_FWD = Layout(("x", "weight", "bias", "y", "mean", "var"), _FIXED, ("eps",))
 CF_BWD = Layout(("dy", "x", "weight", "bias", "mean", "var", "dx", "dweight", "dbias",
@@ -84,10 +85,13 @@ class GroupNormPlan:
         if self.cl:
             self._cl.forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
                              mean, var)
+            return y, stats
+        block = CF_FWD.pack_call(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
+                                 mean, var) + self.tail
+        if self.cap == 1:  # (`threads`, inlined: see `group_norms.group_norm`)
+            self._fwd.serial(block)
         else:
-            self._fwd(CF_FWD.pack_call(x.data_ptr(), weight.data_ptr(), bias.data_ptr(),
-                                       y.data_ptr(), mean, var) + self.tail,
-                      threads(self.cap))
+            self._fwd(block, min(self.cap, _num_threads()))
         return y, stats
 
     def output(self, x, weight, bias):
@@ -111,11 +115,15 @@ class GroupNormPlan:
             return dx, dw, db
         if self._bwd is None:
             self._bwd = _CF_BWD[self.key]
-        n = threads(self.cap)
+        n = 1 if self.cap == 1 else min(self.cap, _num_threads())
         _held, shared, local = self.scratch.take(n)  # (held until the kernel returns)
-        self._bwd(CF_BWD.pack_call(dy.data_ptr(), x.data_ptr(), weight.data_ptr(),
-                                   bias.data_ptr(), mean, var, dx.data_ptr(), dw.data_ptr(),
-                                   db.data_ptr(), shared, local) + self.tail, n)
+        block = CF_BWD.pack_call(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+                                 mean, var, dx.data_ptr(), dw.data_ptr(), db.data_ptr(), shared,
+                                 local) + self.tail
+        if n == 1:
+            self._bwd.serial(block)
+        else:
+            self._bwd(block, n)
         return dx, dw, db
 
 
