@@ -26,7 +26,7 @@ from fusednorm.cpu._channels import (
     empty_layout,
     itemsize,
 )
-from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, thread_cap
+from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, thread_cap, threads
 
 _num_threads = torch.get_num_threads
 _FIXED = ("n", "c", "s", "groups")
@@ -115,15 +115,11 @@ class GroupNormPlan:
             return dx, dw, db
         if self._bwd is None:
             self._bwd = _CF_BWD[self.key]
-        n = 1 if self.cap == 1 else min(self.cap, _num_threads())
+        n = threads(self.cap)
         _held, shared, local = self.scratch.take(n)  # (held until the kernel returns)
-        block = CF_BWD.pack_call(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(),
-                                 mean, var, dx.data_ptr(), dw.data_ptr(), db.data_ptr(), shared,
-                                 local) + self.tail
-        if n == 1:
-            self._bwd.serial(block)
-        else:
-            self._bwd(block, n)
+        self._bwd(CF_BWD.pack_call(dy.data_ptr(), x.data_ptr(), weight.data_ptr(),
+                                   bias.data_ptr(), mean, var, dx.data_ptr(), dw.data_ptr(),
+                                   db.data_ptr(), shared, local) + self.tail, n)
         return dx, dw, db
 
 
