@@ -26,12 +26,12 @@ def casts(device_type: str) -> bool:
 
 # Whether autocast is on for any device (CUDA among them): one C call, where reading a tensor's
 # device type alone costs ~0.3 µs, and the plan keys read this on every call.
-_any_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+any_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def casts_on(x: torch.Tensor) -> bool:
     """`casts` for x's device."""
-    return _any_enabled() and casts(x.device.type)
+    return any_enabled() and casts(x.device.type)
 
 
 def autocast_cast(op_name: str, *tensors: torch.Tensor | None) -> tuple:

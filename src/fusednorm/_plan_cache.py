@@ -47,6 +47,17 @@ def _guards() -> Callable | None:
 _guard = _guards()
 
 
+def dense(tensors: tuple) -> bool:
+    """Whether none of the tensors after the first is a strided nested tensor: a guard check
+    ends the process on one (it reads the strides before the dispatch keys). The first is the
+    input, whose sizes every key holds (read from a nested tensor, they raise); a jagged one is
+    a Tensor subclass, which the check turns down first."""
+    for t in tensors[1:]:
+        if t.is_nested:
+            return False
+    return True
+
+
 def _signatures_key(key: tuple, tensors: tuple) -> tuple:
     return (key, *(tensor_signature(t) for t in tensors))
 
@@ -68,7 +79,7 @@ class PlanCache:
         try:
             if _guard is not None:
                 for check, plan in self._plans.get(key, ()):
-                    if check(*tensors):
+                    if check(*tensors) if dense(tensors) else False:
                         self.latest = plan
                         return plan
             found = self._plans.get(_signatures_key(key, tensors))
@@ -79,8 +90,18 @@ class PlanCache:
             return self.latest
         return None
 
-    def put(self, key: tuple, tensors: tuple, plan) -> None:
-        """File `plan` (unless the tensors have no strides: such calls make a plan each time)."""
+    def find(self, key: tuple, tensors: tuple) -> tuple:
+        """`get`'s plan with the guard it is filed under: (guard, plan), (None, plan) for a plan
+        filed by signature, (None, None) where none is filed."""
+        plan = self.get(key, tensors)
+        for check, filed in self._plans.get(key, ()) if plan is not None else ():
+            if filed is plan:
+                return check, plan
+        return None, plan
+
+    def put(self, key: tuple, tensors: tuple, plan) -> Callable | None:
+        """File `plan` (unless the tensors have no strides: such calls make a plan each time);
+        the guard the call's tensors pass, None where it is filed by signature or not at all."""
         try:
             for t in tensors:
                 # (a tensor without strides, sparse or nested, raises here, where the C++ of a
@@ -90,10 +111,11 @@ class PlanCache:
             if check is None or not check(*tensors):
                 key, check = _signatures_key(key, tensors), None
         except (TypeError, RuntimeError, AttributeError):  # not a tensor, no strides: no plan
-            return
+            return None
         if self._count >= self._limit:
             self._plans.clear()
             self._count = 0
         self._plans.setdefault(key, []).append((check, plan))
         self._count += 1
         self.latest = plan
+        return check

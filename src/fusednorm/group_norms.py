@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusednorm import _backend, _route
-from fusednorm._autocast import autocast_cast, casts, casts_on
+from fusednorm._autocast import any_enabled, autocast_cast, casts, casts_on
 from fusednorm._autograd import fast_apply, unwrap_if_dead
 from fusednorm._backend import kernels, resolve
 from fusednorm._channel_functions import BatchNormFn, BatchSpec, GroupNormFn, GroupSpec
@@ -226,6 +226,16 @@ class _GroupPlan:
                                      self.params.dtype)
         self.fast = True
 
+    def run(self, input, weight, bias):
+        """The call on a `fast` plan (its tensors of the plan's signature)."""
+        if self.copy_to is not None:
+            input = input.contiguous(memory_format=self.copy_to)
+        if self.needs_grad:
+            return _group_norm_fast(input, weight, bias, self)
+        if self.direct:
+            return self.kernels.forward(input, weight, bias, True)[0]
+        return self.kernels.forward(input, *self.params(weight, bias), True)[0]
+
 
 class _GroupNormFast(torch.autograd.Function):
     """group_norm on a plan: x read in place, y and dx in x's layout."""
@@ -298,31 +308,13 @@ def group_norm(
                        or _dispatch_modes() or _function_modes() or _tracing_state() is not None))
     way = "kernels" if common else _route.way(input, weight, bias)
     if way == "kernels":
-        plan = None
         if common:
             input = unwrap_if_dead(input)
-            try:
-                key = (input.shape, num_groups, eps, silu, weight is None, bias is None,
-                       torch.is_grad_enabled(), _backend._current, casts_on(input))
-            except (RuntimeError, AttributeError):  # no sizes (strided nested)
-                pass
-            else:
-                tensors = (input, ABSENT[1] if weight is None else weight,
-                           ABSENT[2] if bias is None else bias)
-                plan = _PLANS.get(key, tensors)
-                if plan is None:
-                    plan = _GroupPlan(input, num_groups, weight, bias, eps, silu)
-                    _PLANS.put(key, tensors, plan)
-        if plan is None:  # (a Parameter as the input, a tensor without sizes: not filed)
+            plan = _planned(input, num_groups, weight, bias, eps, silu)[1]
+        else:  # (a Parameter as the input: not filed)
             plan = _GroupPlan(input, num_groups, weight, bias, eps, silu)
         if plan.fast:
-            if plan.copy_to is not None:
-                input = input.contiguous(memory_format=plan.copy_to)
-            if plan.needs_grad:
-                return _group_norm_fast(input, weight, bias, plan)
-            if plan.direct:
-                return plan.kernels.output(input, weight, bias)
-            return plan.kernels.output(input, *plan.params(weight, bias))
+            return plan.run(input, weight, bias)
         if plan.torch_op:
             return _torch_group_norm(input, num_groups, weight, bias, eps, silu)
     elif way in ("export", "torch", "nested", "ops"):
@@ -342,6 +334,25 @@ def group_norm(
         spec = GroupSpec(num_groups, float(eps), silu, backend)
         return GroupNormFn.apply(input, weight, bias, spec)[0]
     return _group_norm(input, weight, bias, num_groups, float(eps), silu, backend)[0]
+
+
+def _planned(input, num_groups, weight, bias, eps, silu) -> tuple:
+    """(guard, plan) of a call on a plain tensor in a plain state: the plan filed for its
+    signature (`_plan_cache.py`: the tensors' own signatures, and the other arguments and the
+    state in the key), made and filed if there is none; the guard None where the call is filed
+    by signature or not at all (a tensor without sizes or strides gets a plan of its own)."""
+    try:
+        key = (input.shape, num_groups, eps, silu, weight is None, bias is None,
+               torch.is_grad_enabled(), _backend._current, casts_on(input))
+    except (RuntimeError, AttributeError):  # no sizes (strided nested)
+        return None, _GroupPlan(input, num_groups, weight, bias, eps, silu)
+    tensors = (input, ABSENT[1] if weight is None else weight,
+               ABSENT[2] if bias is None else bias)
+    guard, plan = _PLANS.find(key, tensors)
+    if plan is None:
+        plan = _GroupPlan(input, num_groups, weight, bias, eps, silu)
+        guard = _PLANS.put(key, tensors, plan)
+    return guard, plan
 
 
 def _torch_group_norm(input, num_groups, weight, bias, eps, silu):
@@ -472,19 +483,73 @@ class GroupNorm(torch.nn.GroupNorm):
         self.activation = activation
         self._silu = activation == "silu"  # (TorchScript types a bool, not an Optional[str])
 
+    # The plan of this module's last call, kept for the next (see `_eager`): (guard, plan,
+    # configuration); None until a call on a plain tensor in a plain state takes our kernels.
+    _fusednorm_last = None
+
     def forward(self, input: Tensor) -> Tensor:
         if _is_scripting():
             y = F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
             return F.silu(y) if self._silu else y
-        return _group_norm_eager(input, self.num_groups, self.weight, self.bias, self.eps,
-                                 activation=self.activation)
+        return self._eager(input, self.activation)
+
+    @torch.jit.unused
+    def _eager(self, input: Tensor, activation: str | None) -> Tensor:
+        """`group_norm` of this module's input. A model calls each norm with inputs of one
+        signature, cache-cold (each step of Python costs several times what it does in a loop):
+        so the plan of the last call is tried first, the state checked as `group_norm` checks
+        it, the tensors by the plan's guard and the configuration by value, without the lookup
+        of a plan by its key; anything else takes `group_norm`, whose plan is then kept."""
+        # (where `self.weight` finds them, without Module.__getattr__'s Python; `self.weight`
+        # itself only where they are not parameters: a parametrized weight is a property)
+        params = self._parameters
+        weight = params["weight"] if "weight" in params else self.weight  # noqa: SIM401
+        bias = params["bias"] if "bias" in params else self.bias  # noqa: SIM401
+        common = (type(input) is Tensor and not torch.compiler.is_compiling()
+                  and not (_transforms_active() or _forward_ad._current_level >= 0
+                           or _dispatch_modes() or _function_modes()
+                           or _tracing_state() is not None))
+        last = self._fusednorm_last if common else None
+        if last is not None:
+            guard, plan, config, held_weight, held_bias = last
+            # (the parameters the guard was checked on: neither can have become a nested
+            # tensor, on which a guard check ends the process; nor can a dense input have)
+            if (weight is held_weight and bias is held_bias and not input.is_nested
+                    and config == (self.num_groups, self.eps, activation,
+                                   torch.is_grad_enabled(), _backend._current, any_enabled())
+                    and guard(input, ABSENT[1] if weight is None else weight,
+                              ABSENT[2] if bias is None else bias)):
+                # (`plan.run`, inlined: a step less)
+                if plan.copy_to is not None:
+                    input = input.contiguous(memory_format=plan.copy_to)
+                if plan.needs_grad:
+                    return _group_norm_fast(input, weight, bias, plan)
+                if plan.direct:
+                    return plan.kernels.forward(input, weight, bias, True)[0]
+                return plan.kernels.forward(input, *plan.params(weight, bias), True)[0]
+        if common and not any_enabled():  # (under autocast: `group_norm` casts, or not)
+            # as `group_norm` takes such a call, its plan kept if it is our kernels' and guarded
+            silu = False if activation is None else _silu_flag(activation)
+            input = unwrap_if_dead(input)
+            guard, plan = _planned(input, self.num_groups, weight, bias, self.eps, silu)
+            if plan.fast:
+                self._fusednorm_last = guard and (guard, plan, (
+                    self.num_groups, self.eps, activation, torch.is_grad_enabled(),
+                    _backend._current, False), weight, bias)
+                return plan.run(input, weight, bias)
+        return group_norm(input, self.num_groups, weight, bias, self.eps, activation=activation)
+
+    def __getstate__(self):  # (copies and pickles make their own plans)
+        state = super().__getstate__()
+        state.pop("_fusednorm_last", None)
+        return state
 
     def extra_repr(self) -> str:
         extra = f", activation={self.activation!r}" if self.activation else ""
         return super().extra_repr() + extra
 
 
-_group_norm_eager, _instance_norm_eager = eager_only(group_norm), eager_only(instance_norm)
+_instance_norm_eager = eager_only(instance_norm)
 _is_scripting = torch.jit.is_scripting  # (TorchScript knows the function, not the name)
 
 

@@ -59,7 +59,7 @@ class GroupNormPlan:
         # templates of the new statistics and parameter gradients: `empty_like` costs half of
         # an `empty` given a dtype, on every call
         self.stats_like = torch.empty((2, n_, groups), dtype=ct)
-        self._spare = threading.local()  # (see `output`)
+        self._spare = threading.local()  # (see `forward`)
         self.grad_like = torch.empty(c_, dtype=p_dtype)
         if channels_last:
             self._cl = ChannelsLastPlan(n_, c_, s_, groups, eps, silu, x_dtype, p_dtype)
@@ -74,12 +74,19 @@ class GroupNormPlan:
         # the backward's: Σg, Σg·x̂ per (n, c); with SiLU per thread a group's g
         self.scratch = Scratch(2 * n_ * c_ * self.size, c_ // groups * s_ * self.size if silu else 0)
 
-    def forward(self, x, weight, bias, stats=None):
+    def forward(self, x, weight, bias, spare=False):
         """(y, stats) of x in the plan's layout (any shape whose memory is (N, C, S) in it);
-        y is like x, stats (2, N, G): mean, then the biased variance (into `stats` if given)."""
+        y is like x, stats (2, N, G): mean, then the biased variance. With `spare` the
+        statistics go to this thread's spare buffer, overwritten by its next such call (a call
+        without gradients has no use for them; a new tensor each call cost ~1 µs of a 10 µs
+        call)."""
         y = torch.empty_like(x)
-        if stats is None:
+        if not spare:
             stats = torch.empty_like(self.stats_like)
+        else:
+            stats = getattr(self._spare, "stats", None)
+            if stats is None:
+                stats = self._spare.stats = torch.empty_like(self.stats_like)
         mean = stats.data_ptr()
         var = mean + self.shape[0] * self.groups * self.size
         if self.cl:
@@ -93,14 +100,6 @@ class GroupNormPlan:
         else:
             self._fwd(block, min(self.cap, _num_threads()))
         return y, stats
-
-    def output(self, x, weight, bias):
-        """`forward`'s y alone: the statistics go to this thread's spare buffer (a call without
-        gradients has no use for them; a new tensor each call cost ~1 µs of a 10 µs call)."""
-        stats = getattr(self._spare, "stats", None)
-        if stats is None:
-            stats = self._spare.stats = torch.empty_like(self.stats_like)
-        return self.forward(x, weight, bias, stats)[0]
 
     def backward(self, dy, x, weight, bias, stats):
         """(dx, dweight, dbias); dy and x in the plan's layout and dtype, dx like x; stats as
