@@ -47,17 +47,6 @@ _is_scripting = torch.jit.is_scripting
 _getframe = sys._getframe
 
 
-@torch.jit.unused
-def _applied(input: Tensor) -> bool:
-    """Whether input is a fused norm's output, SiLU applied (the mark is taken off)."""
-    if torch.compiler.is_compiling() or type(input) is not Tensor:
-        return False
-    if not getattr(input, _MARK, False):
-        return False
-    delattr(input, _MARK)
-    return True
-
-
 class GroupNormThenSiLU(GroupNorm):
     """A GroupNorm whose every output goes into a SiLU module next (see the module docstring):
     in eager mode it returns silu(norm(x)), computed in one pass and marked for that module."""
@@ -65,31 +54,28 @@ class GroupNormThenSiLU(GroupNorm):
     def forward(self, input: Tensor) -> Tensor:
         if _is_scripting():
             return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
-        return self._fused(input)
-
-    @torch.jit.unused
-    def _fused(self, input: Tensor) -> Tensor:
-        holder, guards, code, held = self._fusednorm_fusion
-        parent = holder()
-        fuse = (type(input) is Tensor and parent is not None
-                and not torch.compiler.is_compiling() and _called_from(code, parent)
-                and _guards_hold(parent, guards, held))
-        y = self._eager(input, "silu" if fuse else None)
-        if fuse:
-            setattr(y, _MARK, True)
-        return y
+        else:  # (TorchScript compiles the branch it takes only; inline: a step less per call)
+            holder, guards, code, held = self._fusednorm_fusion
+            parent = holder()
+            fuse = (type(input) is Tensor and parent is not None
+                    and not torch.compiler.is_compiling() and _called_from(code, parent)
+                    and _guards_hold(parent, guards, held))
+            y = self._eager(input, "silu" if fuse else None)
+            if fuse:
+                setattr(y, _MARK, True)
+            return y
 
 
 def _called_from(code, holder: nn.Module) -> bool:
-    """Whether the holder's forward (`code`) called this norm: five frames up in a plain module
-    call (this one, `_fused`, forward and the module call's two; hooks add none), else three to
-    six (a torch whose module call takes other frames)."""
+    """Whether the holder's forward (`code`) called this norm: four frames up in a plain module
+    call (this one, the norm's forward and the module call's two; hooks add none), else two to
+    five (a torch whose module call takes other frames)."""
     try:
-        frame = _getframe(5)
+        frame = _getframe(4)
     except ValueError:  # (a stack not that deep: not called from a module's forward)
         return False
     if frame.f_code is not code:
-        frame = _getframe(3)
+        frame = _getframe(2)
         for _ in range(4):
             if frame is None or frame.f_code is code:
                 break
@@ -110,12 +96,17 @@ def _guards_hold(holder: nn.Module, guards: tuple[tuple, ...], held: tuple[tuple
 
 
 class SiLUAfterNorm(nn.SiLU):
-    """nn.SiLU that passes on a fused norm's output, SiLU already applied."""
+    """nn.SiLU that passes on a fused norm's output, SiLU already applied (its mark taken off)."""
 
     def forward(self, input: Tensor) -> Tensor:
-        if not _is_scripting() and _applied(input):
-            return input
-        return F.silu(input, inplace=self.inplace)
+        if _is_scripting():
+            return F.silu(input, inplace=self.inplace)
+        else:
+            if (type(input) is Tensor and not torch.compiler.is_compiling()
+                    and getattr(input, _MARK, False)):
+                delattr(input, _MARK)
+                return input
+            return F.silu(input, inplace=self.inplace)
 
 
 # --- reading the holder's code ------------------------------------------------------------------

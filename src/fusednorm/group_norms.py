@@ -483,8 +483,9 @@ class GroupNorm(torch.nn.GroupNorm):
         self.activation = activation
         self._silu = activation == "silu"  # (TorchScript types a bool, not an Optional[str])
 
-    # The plan of this module's last call, kept for the next (see `_eager`): (guard, plan,
-    # configuration); None until a call on a plain tensor in a plain state takes our kernels.
+    # The plan of this module's last call, kept for the next (see `_eager`): its guard, the plan,
+    # and what it was made for (parameters, configuration, state); None until a call on a plain
+    # tensor in a plain state takes our kernels.
     _fusednorm_last = None
 
     def forward(self, input: Tensor) -> Tensor:
@@ -498,8 +499,9 @@ class GroupNorm(torch.nn.GroupNorm):
         """`group_norm` of this module's input. A model calls each norm with inputs of one
         signature, cache-cold (each step of Python costs several times what it does in a loop):
         so the plan of the last call is tried first, the state checked as `group_norm` checks
-        it, the tensors by the plan's guard and the configuration by value, without the lookup
-        of a plan by its key; anything else takes `group_norm`, whose plan is then kept."""
+        it, the tensors by the plan's guard and the configuration by identity, without the
+        lookup of a plan by its key; anything else takes `group_norm`'s way, and a plan it
+        finds is then kept."""
         # (where `self.weight` finds them, without Module.__getattr__'s Python; `self.weight`
         # itself only where they are not parameters: a parametrized weight is a property)
         params = self._parameters
@@ -511,12 +513,14 @@ class GroupNorm(torch.nn.GroupNorm):
                            or _tracing_state() is not None))
         last = self._fusednorm_last if common else None
         if last is not None:
-            guard, plan, config, held_weight, held_bias = last
-            # (the parameters the guard was checked on: neither can have become a nested
-            # tensor, on which a guard check ends the process; nor can a dense input have)
-            if (weight is held_weight and bias is held_bias and not input.is_nested
-                    and config == (self.num_groups, self.eps, activation,
-                                   torch.is_grad_enabled(), _backend._current, any_enabled())
+            guard, plan, held_weight, held_bias, groups, eps, held_activation, grad, backend = last
+            # (the configuration and the parameters are the very objects the plan was kept
+            # for; neither parameter can have become a nested tensor since, on which a guard
+            # check ends the process)
+            if (weight is held_weight and bias is held_bias and self.num_groups is groups
+                    and self.eps is eps and activation is held_activation
+                    and torch.is_grad_enabled() is grad and _backend._current is backend
+                    and not any_enabled() and not input.is_nested
                     and guard(input, ABSENT[1] if weight is None else weight,
                               ABSENT[2] if bias is None else bias)):
                 # (`plan.run`, inlined: a step less)
@@ -533,9 +537,9 @@ class GroupNorm(torch.nn.GroupNorm):
             input = unwrap_if_dead(input)
             guard, plan = _planned(input, self.num_groups, weight, bias, self.eps, silu)
             if plan.fast:
-                self._fusednorm_last = guard and (guard, plan, (
-                    self.num_groups, self.eps, activation, torch.is_grad_enabled(),
-                    _backend._current, False), weight, bias)
+                self._fusednorm_last = guard and (
+                    guard, plan, weight, bias, self.num_groups, self.eps, activation,
+                    torch.is_grad_enabled(), _backend._current)
                 return plan.run(input, weight, bias)
         return group_norm(input, self.num_groups, weight, bias, self.eps, activation=activation)
 

@@ -7,6 +7,8 @@ module. Each GroupNorm forward timed by one identical wrapper; R rounds of one i
 model, interleaved; GroupNorm milliseconds per inference, and the median per call.
 
     PYTHONPATH=src python benchmarks/results/cpu/model_group_norms/module_path.py unet|vae R dtype
+
+(Run at 4a3e881, whose `_fusednorm_last` part C unpacks; later commits hold it differently.)
 """
 import copy, statistics, sys, time, types
 import torch
