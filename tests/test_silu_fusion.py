@@ -2,6 +2,7 @@
 into a SiLU module computes the SiLU itself, and only such a norm (fusednorm._silu_after_norm)."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -156,6 +157,31 @@ def test_an_equal_configuration_keeps_the_fusion(kernel_silu):
     with torch.no_grad():
         model(*inputs())
     assert kernel_silu == ["silu", "silu"]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_fused_model_fuses_in_its_own_blocks(how, kernel_silu):
+    """An EMA copy, a saved and loaded model: each fused norm of the copy fuses when its own
+    holder (the copy's block) calls it; before, a copy pointed at the original block and never
+    fused, and pickling failed on the weak reference."""
+    torch.manual_seed(0)
+    model = Block()
+    reference = copy.deepcopy(model)
+    fusednorm.patch(model, fuse_activation=True)
+    if how == "deepcopy":
+        again = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        again = torch.load(buffer, weights_only=False)
+    assert type(again.norm1) is GroupNormThenSiLU and type(again.act) is SiLUAfterNorm
+    assert_same_model(again, reference, inputs())
+    assert kernel_silu == ["silu", "silu"]
+    del model  # (the copy does not depend on the original)
+    with torch.no_grad():
+        again(*inputs())
+    assert kernel_silu[2:] == ["silu", "silu"]
 
 
 def test_another_holder_of_the_same_class_gets_the_plain_norm(kernel_silu):

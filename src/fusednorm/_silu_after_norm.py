@@ -65,6 +65,19 @@ class GroupNormThenSiLU(GroupNorm):
                 setattr(y, _MARK, True)
             return y
 
+    # Copies and pickles hold the holder itself (a copy of the model: the copy of the holder)
+    # in the weak reference's place, and make the fusion anew from it.
+    def __getstate__(self):
+        state = super().__getstate__()
+        holder, guards, _code, held = state.pop("_fusednorm_fusion")
+        state["_fusednorm_fused_in"] = (holder(), guards, held)
+        return state
+
+    def __setstate__(self, state):
+        holder, guards, held = state.pop("_fusednorm_fused_in")
+        super().__setstate__(state)
+        _set_fusion(self, holder, guards, held)
+
 
 def _called_from(code, holder: nn.Module) -> bool:
     """Whether the holder's forward (`code`) called this norm: four frames up in a plain module
@@ -250,6 +263,18 @@ def fusable(holder: nn.Module, norms: set[str], activations: set[str]
 def fuse(new: nn.Module, holder: nn.Module, guards: tuple[tuple, ...]) -> None:
     """Make `new` (fusednorm's GroupNorm in the holder's norm's place) a GroupNormThenSiLU."""
     new.__class__ = GroupNormThenSiLU
-    code = inspect.unwrap(type(holder).forward).__code__  # (what runs in the holder's frame)
     held = tuple((attr, getattr(holder, attr, None)) for attr in sorted({g[0] for g in guards}))
-    new.__dict__["_fusednorm_fusion"] = (weakref.ref(holder), guards, code, held)
+    _set_fusion(new, holder, guards, held)
+
+
+def _set_fusion(norm: GroupNormThenSiLU, holder: nn.Module | None, guards: tuple[tuple, ...],
+                held: tuple[tuple, ...]) -> None:
+    if holder is None:  # (the holder was gone when this norm was copied: it never fuses)
+        norm.__dict__["_fusednorm_fusion"] = (_gone, guards, None, held)
+        return
+    code = inspect.unwrap(type(holder).forward).__code__  # (what runs in the holder's frame)
+    norm.__dict__["_fusednorm_fusion"] = (weakref.ref(holder), guards, code, held)
+
+
+def _gone() -> None:
+    return None
