@@ -77,9 +77,10 @@ class PlanCache:
 
     def get(self, key: tuple, tensors: tuple):
         try:
-            if _guard is not None:
-                for check, plan in self._plans.get(key, ()):
-                    if check(*tensors) if dense(tensors) else False:
+            filed = self._plans.get(key) if _guard is not None else None
+            if filed is not None and dense(tensors):
+                for check, plan in filed:
+                    if check(*tensors):
                         self.latest = plan
                         return plan
             found = self._plans.get(_signatures_key(key, tensors))
