@@ -52,6 +52,55 @@ def test_kernels_follow_torch_set_num_threads(threads):
     assert seen and set(seen) == {threads}
 
 
+def _channel_launches() -> list:
+    """Every loaded launcher of the channel norms' kernels (GroupNorm channels first, and the
+    channels-last kernels GroupNorm shares with BatchNorm)."""
+    from fusednorm.cpu import _channels
+    from fusednorm.cpu import group_norm as gn
+
+    return [launch for family in (gn._CF_FWD, gn._CF_BWD, _channels._CL_FWD, _channels._CL_BWD)
+            for launch in family._compiled.values()]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_group_norm_launches_follow_torch_set_num_threads(threads, channels_last):
+    """GroupNorm's launchers call the kernels themselves (`on_threads`, `serial`), without
+    `Launch.__call__`: they too take torch's thread count."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = randn(8, 64, 32, 32).contiguous(memory_format=fmt).requires_grad_()
+    norm = fusednorm.GroupNorm(8, 64)
+    norm(x).sum().backward()  # (both kernels loaded)
+    seen = []
+    swapped = []
+    for launch in _channel_launches():
+        on_threads, serial = launch.on_threads, launch.serial
+        swapped.append((launch, on_threads, serial))
+        launch.on_threads = lambda block, n, flags, f=on_threads: (seen.append(n), f(block, n, flags))
+        launch.serial = lambda block, f=serial: (seen.append(1), f(block))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y = norm(x)
+        y.backward(torch.ones_like(y))
+    finally:
+        torch.set_num_threads(before)
+        for launch, on_threads, serial in swapped:
+            launch.on_threads, launch.serial = on_threads, serial
+    assert len(seen) == 2 and set(seen) == {threads}
+
+
+def test_without_an_openmp_runtime_a_launch_runs_serially(monkeypatch):
+    """Where no OpenMP runtime was found, `on_threads` runs the kernel on the calling thread."""
+    monkeypatch.setattr(_launch._runtime().openmp, "parallel", None)
+    launch = _launch.Launch(0)  # (never called: `serial` is replaced)
+    blocks = []
+    launch.serial = blocks.append
+    launch.on_threads(b"block", 2, 0)
+    launch(b"other", 2)
+    assert blocks == [b"block", b"other"]
+
+
 def test_one_thread_pool():
     """The kernels run on torch's OpenMP threads: no thread is started for them."""
     if not os.path.isdir("/proc/self/task") or _launch.openmp_runtime() is None:

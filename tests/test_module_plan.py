@@ -112,6 +112,47 @@ def test_gradient_mode_switched(first):
                 torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("needs", ["x", "weight", "bias", "x,weight", "x,bias",
+                                   "weight,bias", "x,weight,bias"])
+def test_the_gradients_asked_for_and_no_others(needs):
+    """The kept plan's backward returns the gradients of the inputs that require them (all
+    three: the plan's shortcut), None for the others, on every call."""
+    ours, theirs = _pair()
+    needs = needs.split(",")
+    for module in (ours, theirs):
+        module.weight.requires_grad_("weight" in needs)
+        module.bias.requires_grad_("bias" in needs)
+    x = randn(2, 8, 5, 6).requires_grad_("x" in needs)
+    for _ in range(3):
+        for p in (*ours.parameters(), *theirs.parameters(), x):
+            p.grad = None
+        dy = randn(2, 8, 5, 6)
+        ours(x).backward(dy)
+        got = (x.grad, ours.weight.grad, ours.bias.grad)
+        x.grad = None
+        theirs(x).backward(dy)
+        want = (x.grad, theirs.weight.grad, theirs.bias.grad)
+        for name, g, w in zip(("x", "weight", "bias"), got, want):
+            assert (g is None) == (name not in needs) == (w is None)
+            if g is not None:
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_a_dead_functorch_wrapper_after_a_plain_call():
+    """A tensor kept from inside a finished torch.func.grad is a functorch wrapper: the kept
+    plan (which calls the autograd Function's C apply, without unwrapping) must not take it."""
+    ours, theirs = _pair()
+    x = randn(2, 8, 5, 6, requires_grad=True)
+    ours(x).sum().backward()
+    kept = []
+    torch.func.grad(lambda t: (kept.append(t), (t * 2).sum())[1])(randn(2, 8, 5, 6))
+    dead = kept[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    y = ours(dead)
+    _same(y, theirs(torch._C._functorch.unwrap_if_dead(dead)))
+    y.sum().backward()  # (the plan taken was the unwrapped tensor's)
+
+
 def test_inside_autocast_after_a_plain_call():
     ours, theirs = _pair()
     x = randn(2, 8, 5, 6, dtype=torch.bfloat16)

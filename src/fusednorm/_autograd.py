@@ -21,7 +21,7 @@ def fast_apply(function: type[torch.autograd.Function], tensors: int = 3) -> Cal
     wrappers through a generator: ~2 µs of a small call's ~15. This unwraps the tensors by hand
     and hands calls made under a functorch transform (vmap, grad, ...) to the full ``apply``."""
     full = function.apply
-    raw = torch._C._FunctionBase.__dict__["apply"].__get__(None, function)
+    raw = c_apply(function)
 
     def apply3(x, a, b, *others):
         if _transforms_active():
@@ -40,6 +40,12 @@ def fast_apply(function: type[torch.autograd.Function], tensors: int = 3) -> Cal
 
 
 _c_apply = torch._C._FunctionBase.__dict__["apply"]
+
+
+def c_apply(function: type[torch.autograd.Function]) -> Callable:
+    """The C++ ``apply`` of a Function, unwrapped: for callers that have ruled out functorch
+    transforms and hold plain tensors (the plans' guards turn functorch wrappers down)."""
+    return _c_apply.__get__(None, function)
 
 
 class Function(torch.autograd.Function):

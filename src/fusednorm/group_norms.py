@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fusednorm import _backend, _route
 from fusednorm._autocast import any_enabled, autocast_cast, casts, casts_on
-from fusednorm._autograd import fast_apply, unwrap_if_dead
+from fusednorm._autograd import c_apply, fast_apply, unwrap_if_dead
 from fusednorm._backend import kernels, resolve
 from fusednorm._channel_functions import BatchNormFn, BatchSpec, GroupNormFn, GroupSpec
 from fusednorm._checks import compute_dtype, params_ok, raise_like_torch
@@ -220,6 +220,9 @@ class _GroupPlan:
         self.direct = self.params.as_is and weight is not None and bias is not None
         self.needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias))
+        # every input's gradient asked for (requires_grad is part of the plan's signature)
+        self.all_grads = self.needs_grad and all(
+            t is not None and t.requires_grad for t in (x, weight, bias))
         from fusednorm.cpu.group_norm import GroupNormPlan
 
         self.kernels = GroupNormPlan(*x3.shape, num_groups, self.eps, silu, cl, x.dtype,
@@ -266,6 +269,8 @@ class _GroupNormFast(torch.autograd.Function):
             dy = torch.empty_like(x).copy_(dy)  # into x's layout and dtype
         if plan.direct:
             dx, dw, db = plan.kernels.backward(dy, x, weight, bias, stats)
+            if plan.all_grads:  # (the common case, decided with the plan: fewer steps)
+                return dx, dw, db, None
         else:
             dx, dw, db = plan.kernels.backward(dy, x, *plan.params(weight, bias), stats)
         need = ctx.needs_input_grad
@@ -277,6 +282,8 @@ class _GroupNormFast(torch.autograd.Function):
 
 
 _group_norm_fast = fast_apply(_GroupNormFast)
+# (for a module's kept plan: its checks ruled out functorch transforms, and its guard wrappers)
+_group_norm_fast_c = c_apply(_GroupNormFast)
 
 
 _PLANS = PlanCache()
@@ -527,7 +534,7 @@ class GroupNorm(torch.nn.GroupNorm):
                 if plan.copy_to is not None:
                     input = input.contiguous(memory_format=plan.copy_to)
                 if plan.needs_grad:
-                    return _group_norm_fast(input, weight, bias, plan)
+                    return _group_norm_fast_c(input, weight, bias, plan)
                 if plan.direct:
                     return plan.kernels.forward(input, weight, bias, True)[0]
                 return plan.kernels.forward(input, *plan.params(weight, bias), True)[0]

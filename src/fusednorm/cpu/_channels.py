@@ -21,8 +21,17 @@ from __future__ import annotations
 import torch
 
 from fusednorm._layout import conform, empty_layout  # noqa: F401 (the launchers' helpers)
-from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, scratch, thread_cap
-from fusednorm.cpu._launch import threads as threads_for
+from fusednorm.cpu._launch import (
+    STORAGE,
+    Kernel,
+    Layout,
+    compute_dtype,
+    scratch,
+    thread_cap,
+    thread_state,
+)
+
+_num_threads = torch.get_num_threads
 
 BLOCK = 2048  # elements per statistics block (channels first): a second pass stays in L1
 # Channels last: elements per span (rows × C), a task and a piece of the statistics (the
@@ -64,7 +73,9 @@ class Scratch:
         total = self.shared + threads * self.local
         if not total:
             return None, 0, 0
-        buf = scratch(total)
+        buf = getattr(thread_state, "scratch", None)  # (`scratch`'s own test, a frame fewer)
+        if buf is None or buf.numel() < total:
+            buf = scratch(total)
         addr = buf.data_ptr()
         return buf, addr, addr + self.shared
 
@@ -113,7 +124,7 @@ class ChannelsLastPlan:
         """The scratch and the packed fixed arguments of a call (worked out once per thread
         count: small calls are dominated by such work)."""
         tail = self._tails.get((backward, threads, training))
-        if tail is None:
+        if tail is None:  # (the launchers look it up first themselves)
             n_, c_, s_ = self.shape
             by_sample = n_ >= 2 * threads  # a task per sample when every thread has some
             per = n_ * self.spans
@@ -131,19 +142,29 @@ class ChannelsLastPlan:
     def forward(self, x: int, weight: int, bias: int, y: int, mean: int, var: int,
                 training: bool = True) -> None:
         """y from x; mean and var (N·G) written when training, else read."""
-        threads = threads_for(self.cap)
-        need, tail = self._tail(False, threads, training)
+        # (`_launch.threads` and `_tail`'s lookup inlined: see `Launch`)
+        threads = 1 if self.cap == 1 else min(self.cap, _num_threads())
+        need, tail = self._tails.get((False, threads, training)) or self._tail(
+            False, threads, training)
         _held, shared, local = need.take(threads)  # (held until the kernel returns)
-        self._fwd(CL_FWD.pack_call(x, weight, bias, y, mean, var, shared, local) + tail,
-                  threads)
+        block = CL_FWD.pack_call(x, weight, bias, y, mean, var, shared, local) + tail
+        if threads == 1:
+            self._fwd.serial(block)
+        else:
+            self._fwd.on_threads(block, threads, 0)
 
     def backward(self, dy: int, x: int, weight: int, bias: int, mean: int, var: int, dx: int,
                  dweight: int, dbias: int, training: bool = True) -> None:
         """dx, dweight and dbias; `training`: mean and var were x's (else given)."""
         if self._bwd is None:
             self._bwd = _CL_BWD[self.key]
-        threads = threads_for(self.cap)
-        need, tail = self._tail(True, threads, training)
+        threads = 1 if self.cap == 1 else min(self.cap, _num_threads())
+        need, tail = self._tails.get((True, threads, training)) or self._tail(
+            True, threads, training)
         _held, shared, local = need.take(threads)
-        self._bwd(CL_BWD.pack_call(dy, x, weight, bias, mean, var, dx, dweight, dbias, shared,
-                                   local) + tail, threads)
+        block = CL_BWD.pack_call(dy, x, weight, bias, mean, var, dx, dweight, dbias, shared,
+                                 local) + tail
+        if threads == 1:
+            self._bwd.serial(block)
+        else:
+            self._bwd.on_threads(block, threads, 0)

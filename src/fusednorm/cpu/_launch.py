@@ -20,6 +20,7 @@ without importing numba. So:
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -132,19 +133,19 @@ def _find_openmp() -> ctypes.CDLL | None:
     return None
 
 
-_local = threading.local()
+thread_state = threading.local()  # per calling thread: its `scratch`
 _KEEP_SCRATCH = 1 << 22  # bytes of scratch kept between calls, per calling thread
 
 
 def scratch(nbytes: int) -> torch.Tensor:
     """At least nbytes of scratch memory (uint8) for one call on this thread. Kernels carve it
     into per-thread rows; it is reused by the next call of the same Python thread."""
-    buf = getattr(_local, "scratch", None)
+    buf = getattr(thread_state, "scratch", None)
     if buf is not None and buf.numel() >= nbytes:
         return buf
     buf = torch.empty(max(nbytes, 1 << 12), dtype=torch.uint8)
     if nbytes <= _KEEP_SCRATCH:
-        _local.scratch = buf
+        thread_state.scratch = buf
     return buf
 
 
@@ -399,18 +400,25 @@ def _store(folder: Path, obj_path: Path, meta_path: Path, obj: bytes, meta: dict
 
 
 class Launch:
-    """One compiled kernel, called serially or on torch's OpenMP threads."""
+    """One compiled kernel, called serially or on torch's OpenMP threads: `serial(block)`,
+    `on_threads(block, threads, 0)` (both C calls: a launcher in a model's hot path calls them
+    itself, a Python frame costing it several µs there), or `launch(block, threads)`."""
 
-    __slots__ = ("_parallel", "address", "serial")
+    __slots__ = ("_parallel", "address", "on_threads", "serial")
 
     def __init__(self, address: int) -> None:
         self.address = address
         self.serial = _KERNEL_CALL(address)
         self._parallel = _runtime().openmp.parallel
+        self.on_threads = (self._serial_anyway if self._parallel is None
+                           else functools.partial(self._parallel, address))
+
+    def _serial_anyway(self, block: bytes, _threads: int, _flags: int) -> None:
+        self.serial(block)  # (no OpenMP runtime found: thread 0 of 1 does all)
 
     def __call__(self, block: bytes, threads: int = 1) -> None:
-        if threads > 1 and self._parallel is not None:
-            self._parallel(self.address, block, threads, 0)
+        if threads > 1:
+            self.on_threads(block, threads, 0)
         else:
             self.serial(block)
 

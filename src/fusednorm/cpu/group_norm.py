@@ -26,7 +26,7 @@ from fusednorm.cpu._channels import (
     empty_layout,
     itemsize,
 )
-from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, thread_cap, threads
+from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, thread_cap
 
 _num_threads = torch.get_num_threads
 _FIXED = ("n", "c", "s", "groups")
@@ -59,6 +59,7 @@ class GroupNormPlan:
         # templates of the new statistics and parameter gradients: `empty_like` costs half of
         # an `empty` given a dtype, on every call
         self.stats_like = torch.empty((2, n_, groups), dtype=ct)
+        self.var_at = n_ * groups * self.size  # (the variances' offset in stats, in bytes)
         self._spare = threading.local()  # (see `forward`)
         self.grad_like = torch.empty(c_, dtype=p_dtype)
         if channels_last:
@@ -88,17 +89,17 @@ class GroupNormPlan:
             if stats is None:
                 stats = self._spare.stats = torch.empty_like(self.stats_like)
         mean = stats.data_ptr()
-        var = mean + self.shape[0] * self.groups * self.size
         if self.cl:
             self._cl.forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
-                             mean, var)
+                             mean, mean + self.var_at)
             return y, stats
         block = CF_FWD.pack_call(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
-                                 mean, var) + self.tail
-        if self.cap == 1:  # (`threads`, inlined: see `group_norms.group_norm`)
+                                 mean, mean + self.var_at) + self.tail
+        # (`threads` and `Launch.__call__` inlined: in a model each frame costs several µs)
+        if self.cap == 1:
             self._fwd.serial(block)
         else:
-            self._fwd(block, min(self.cap, _num_threads()))
+            self._fwd.on_threads(block, min(self.cap, _num_threads()), 0)
         return y, stats
 
     def backward(self, dy, x, weight, bias, stats):
@@ -107,18 +108,22 @@ class GroupNormPlan:
         dx = torch.empty_like(x)
         dw, db = torch.empty_like(self.grad_like), torch.empty_like(self.grad_like)
         mean = stats.data_ptr()
-        var = mean + self.shape[0] * self.groups * self.size
         if self.cl:
             self._cl.backward(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(),
-                              mean, var, dx.data_ptr(), dw.data_ptr(), db.data_ptr())
+                              mean, mean + self.var_at, dx.data_ptr(), dw.data_ptr(),
+                              db.data_ptr())
             return dx, dw, db
         if self._bwd is None:
             self._bwd = _CF_BWD[self.key]
-        n = threads(self.cap)
+        n = 1 if self.cap == 1 else min(self.cap, _num_threads())
         _held, shared, local = self.scratch.take(n)  # (held until the kernel returns)
-        self._bwd(CF_BWD.pack_call(dy.data_ptr(), x.data_ptr(), weight.data_ptr(),
-                                   bias.data_ptr(), mean, var, dx.data_ptr(), dw.data_ptr(),
-                                   db.data_ptr(), shared, local) + self.tail, n)
+        block = CF_BWD.pack_call(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+                                 mean, mean + self.var_at, dx.data_ptr(), dw.data_ptr(),
+                                 db.data_ptr(), shared, local) + self.tail
+        if n == 1:
+            self._bwd.serial(block)
+        else:
+            self._bwd.on_threads(block, n, 0)
         return dx, dw, db
 
 
