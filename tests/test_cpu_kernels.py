@@ -576,11 +576,10 @@ def test_small_calls_run_serially_with_the_same_bits(monkeypatch):
     serial = ours(x, w, b, rms=False, residual=r, p=0.1, seed=3, dy=dy)
     monkeypatch.setattr(_launch, "PARALLEL_GRAIN", 0)
     monkeypatch.setattr(ln, "_PLANS", {})
-    threads = []
-    launch = type(ln._FWD[next(iter(ln._FWD._compiled))])
-    real_call = launch.__call__
-    monkeypatch.setattr(launch, "__call__",
-                        lambda self, block, t=1: threads.append(t) or real_call(self, block, t))
+    threads = []  # (the launchers call `on_threads` themselves)
+    for launch in (*ln._FWD._compiled.values(), *ln._BWD._compiled.values()):
+        monkeypatch.setattr(launch, "on_threads", lambda block, t, flags, real=launch.on_threads:
+                            threads.append(t) or real(block, t, flags))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

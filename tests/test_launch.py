@@ -21,72 +21,58 @@ from fusednorm.cpu import layer_norm as ln
 # --- threads: torch's count, torch's pool --------------------------------------------------------
 
 
+def _launches() -> list:
+    """Every loaded kernel launcher of the CPU kernel families."""
+    from fusednorm.cpu import _channels, batch_norm, group_norm, layer_norm
+
+    return [launch for module in (layer_norm, group_norm, batch_norm, _channels)
+            for family in vars(module).values() if isinstance(family, _launch.Kernel)
+            for launch in family._compiled.values()]
+
+
 def _threads_used(fn) -> list[int]:
-    """The thread counts of the kernel launches fn makes (1: on the calling thread)."""
-    seen = []
-    launch = _launch.Launch.__call__
-
-    def recording(self, block, threads=1):
-        seen.append(threads)
-        return launch(self, block, threads)
-
-    _launch.Launch.__call__ = recording
+    """The thread counts of the kernel launches fn makes (1: on the calling thread). The
+    launchers call `serial` and `on_threads` themselves; `Launch.__call__` calls them too."""
+    fn()  # (every kernel fn needs loaded)
+    seen, swapped = [], []
+    for launch in _launches():
+        on_threads, serial = launch.on_threads, launch.serial
+        swapped.append((launch, on_threads, serial))
+        launch.on_threads = lambda block, n, flags, f=on_threads: (seen.append(n), f(block, n, flags))
+        launch.serial = lambda block, f=serial: (seen.append(1), f(block))
     try:
         fn()
     finally:
-        _launch.Launch.__call__ = launch
+        for launch, on_threads, serial in swapped:
+            launch.on_threads, launch.serial = on_threads, serial
     return seen
+
+
+def _with_threads(threads, fn):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        return fn()
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernels_follow_torch_set_num_threads(threads):
     x = randn(256, 1024, requires_grad=True)  # above the grain: a parallel call
     norm = fusednorm.LayerNorm(1024)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        seen = _threads_used(lambda: norm(x).sum().backward())
-    finally:
-        torch.set_num_threads(before)
-    # the forward may run straight on the calling thread, bypassing __call__, when serial
-    assert seen and set(seen) == {threads}
+    seen = _with_threads(threads, lambda: _threads_used(lambda: norm(x).sum().backward()))
+    assert len(seen) == 2 and set(seen) == {threads}
 
 
-def _channel_launches() -> list:
-    """Every loaded launcher of the channel norms' kernels (GroupNorm channels first, and the
-    channels-last kernels GroupNorm shares with BatchNorm)."""
-    from fusednorm.cpu import _channels
-    from fusednorm.cpu import group_norm as gn
-
-    return [launch for family in (gn._CF_FWD, gn._CF_BWD, _channels._CL_FWD, _channels._CL_BWD)
-            for launch in family._compiled.values()]
-
-
+@pytest.mark.parametrize("norm", ["group", "batch"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_group_norm_launches_follow_torch_set_num_threads(threads, channels_last):
-    """GroupNorm's launchers call the kernels themselves (`on_threads`, `serial`), without
-    `Launch.__call__`: they too take torch's thread count."""
+def test_channel_norm_launches_follow_torch_set_num_threads(threads, channels_last, norm):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = randn(8, 64, 32, 32).contiguous(memory_format=fmt).requires_grad_()
-    norm = fusednorm.GroupNorm(8, 64)
-    norm(x).sum().backward()  # (both kernels loaded)
-    seen = []
-    swapped = []
-    for launch in _channel_launches():
-        on_threads, serial = launch.on_threads, launch.serial
-        swapped.append((launch, on_threads, serial))
-        launch.on_threads = lambda block, n, flags, f=on_threads: (seen.append(n), f(block, n, flags))
-        launch.serial = lambda block, f=serial: (seen.append(1), f(block))
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        y = norm(x)
-        y.backward(torch.ones_like(y))
-    finally:
-        torch.set_num_threads(before)
-        for launch, on_threads, serial in swapped:
-            launch.on_threads, launch.serial = on_threads, serial
+    module = fusednorm.GroupNorm(8, 64) if norm == "group" else fusednorm.BatchNorm2d(64)
+    seen = _with_threads(threads, lambda: _threads_used(lambda: module(x).sum().backward()))
     assert len(seen) == 2 and set(seen) == {threads}
 
 

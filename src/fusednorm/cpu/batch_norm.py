@@ -25,7 +25,9 @@ from fusednorm.cpu._channels import (
     empty_layout,
     itemsize,
 )
-from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, thread_cap, threads
+from fusednorm.cpu._launch import STORAGE, Kernel, Layout, compute_dtype, thread_cap
+
+_num_threads = torch.get_num_threads
 
 CHUNKS = 16  # channels first: chunks of samples whose statistics are merged in order
 
@@ -68,7 +70,10 @@ class BatchNormPlan:
         self.key = (STORAGE[ct], STORAGE[x_dtype], STORAGE[p_dtype])
         self._fwd = _CF_FWD[self.key]
         self._bwd = None  # compiled (or loaded) at the first backward
-        self.eps = eps
+        # the fixed part of a call's block, by `training` (packed once: each call's would cost
+        # a keyword call and a pack)
+        self._tails = {t: CF_FWD.fixed(n=n_, c=c_, s=s_, training=t, eps=eps)
+                       for t in (False, True)}
         self.cap = thread_cap(n_ * c_ * s_, max(n_ * c_, _chunks(n_)))
         size = itemsize(ct)
         self.scratch = (Scratch(2 * _chunks(n_) * c_ * 8 + 2 * c_ * size, 0),
@@ -88,9 +93,15 @@ class BatchNormPlan:
         if self.cl:
             self._cl.forward(*ptrs, training=training)
         else:
-            n = threads(self.cap)
+            # (`_launch.threads` and `Launch.__call__` inlined: in a model each frame costs
+            # several µs)
+            n = 1 if self.cap == 1 else min(self.cap, _num_threads())
             _held, shared, _ = self.scratch[0].take(n)
-            self._fwd(CF_FWD.pack_call(*ptrs, shared) + self._tail(training), n)
+            block = CF_FWD.pack_call(*ptrs, shared) + self._tails[training]
+            if n == 1:
+                self._fwd.serial(block)
+            else:
+                self._fwd.on_threads(block, n, 0)
         return y, mean, var
 
     def backward(self, dy, x, weight, mean, var, training: bool):
@@ -104,17 +115,16 @@ class BatchNormPlan:
             return dx, dw, db
         if self._bwd is None:
             self._bwd = _CF_BWD[self.key]
-        n = threads(self.cap)
+        n = 1 if self.cap == 1 else min(self.cap, _num_threads())
         _held, shared, _ = self.scratch[1].take(n)
-        self._bwd(CF_BWD.pack_call(dy.data_ptr(), x.data_ptr(), weight.data_ptr(),
-                                   mean_c.data_ptr(), var_c.data_ptr(), dx.data_ptr(),
-                                   dw.data_ptr(), db.data_ptr(), shared)
-                  + self._tail(training), n)
+        block = CF_BWD.pack_call(dy.data_ptr(), x.data_ptr(), weight.data_ptr(),
+                                 mean_c.data_ptr(), var_c.data_ptr(), dx.data_ptr(),
+                                 dw.data_ptr(), db.data_ptr(), shared) + self._tails[training]
+        if n == 1:
+            self._bwd.serial(block)
+        else:
+            self._bwd.on_threads(block, n, 0)
         return dx, dw, db
-
-    def _tail(self, training: bool) -> bytes:
-        n_, c_, s_ = self.shape
-        return CF_FWD.fixed(n=n_, c=c_, s=s_, training=training, eps=self.eps)
 
 
 # --- the contract ---------------------------------------------------------------------------------

@@ -18,8 +18,11 @@ from fusednorm.cpu._launch import (
     compute_dtype,
     scratch,
     thread_cap,
+    thread_state,
 )
 from fusednorm.cpu._launch import threads as threads_for
+
+_num_threads = torch.get_num_threads
 
 # Argument blocks (see `_launch.Layout`); absent tensors have address 0.
 FWD_ARGS = Layout(
@@ -122,9 +125,15 @@ class ForwardPlan:
         if self.stats_len:
             stats = torch.empty_like(self.stats_like)
             stats_ptr = stats.data_ptr()
-        threads = threads_for(self.cap)
+        # (`_launch.threads`, `scratch` and `Launch.__call__` inlined here and below: in a model
+        # each frame costs several µs)
+        threads = 1 if self.cap == 1 else min(self.cap, _num_threads())
         # (held in a local until the call returns: a scratch tensor may be this call's own)
-        scr = scratch(threads * self.scratch_bytes) if self.scratch_bytes else None
+        scr = None
+        if self.scratch_bytes:
+            scr = getattr(thread_state, "scratch", None)
+            if scr is None or scr.numel() < threads * self.scratch_bytes:
+                scr = scratch(threads * self.scratch_bytes)
         seed_lo, seed_hi = _seed_words(seed) if seed else (0, 0)
         block = FWD_ARGS.pack_call(
             x.data_ptr(), 0 if residual is None else residual.data_ptr(),
@@ -135,7 +144,7 @@ class ForwardPlan:
         if threads == 1:
             self.launch.serial(block)
         else:
-            self.launch(block, threads)
+            self.launch.on_threads(block, threads, 0)
         return y, h, stats
 
 
@@ -190,18 +199,24 @@ class BackwardPlan:
         if self.acc:
             dw = torch.empty_like(self.grad_like)
             db = torch.empty_like(self.grad_like) if self.acc == 2 else None
-        threads = threads_for(self.cap)
+        threads = 1 if self.cap == 1 else min(self.cap, _num_threads())
         rows = threads * self.scratch_bytes
-        scr = scratch(rows + self.parts_bytes)  # (held until the kernel returns)
+        scr = getattr(thread_state, "scratch", None)  # (held until the kernel returns)
+        if scr is None or scr.numel() < rows + self.parts_bytes:
+            scr = scratch(rows + self.parts_bytes)
         seed_lo, seed_hi = _seed_words(seed) if seed else (0, 0)
         stats_ptr, scr_ptr = stats.data_ptr(), scr.data_ptr()
-        self.launch(BWD_ARGS.pack_call(
+        block = BWD_ARGS.pack_call(
             dy.data_ptr(), saved.data_ptr(), 0 if weight is None else weight.data_ptr(),
             0 if bias is None else bias.data_ptr(), stats_ptr, stats_ptr + self.rstd_offset,
             0 if dh_out is None else dh_out.data_ptr(), dx.data_ptr(),
             0 if dres is None else dres.data_ptr(), scr_ptr + rows,
             0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr(), scr_ptr,
-            seed_lo, seed_hi) + self.tail, threads)
+            seed_lo, seed_hi) + self.tail
+        if threads == 1:
+            self.launch.serial(block)
+        else:
+            self.launch.on_threads(block, threads, 0)
         return dx, dres, dw if self.need_dw else None, db if self.need_db else None
 
 
