@@ -18,7 +18,6 @@ from fusednorm.cpu._launch import (
     compute_dtype,
     scratch,
     thread_cap,
-    thread_state,
 )
 from fusednorm.cpu._launch import threads as threads_for
 
@@ -125,15 +124,11 @@ class ForwardPlan:
         if self.stats_len:
             stats = torch.empty_like(self.stats_like)
             stats_ptr = stats.data_ptr()
-        # (`_launch.threads`, `scratch` and `Launch.__call__` inlined here and below: in a model
-        # each frame costs several µs)
+        # (`_launch.threads` and `Launch.__call__` inlined here and below: in a model each frame
+        # costs several µs)
         threads = 1 if self.cap == 1 else min(self.cap, _num_threads())
         # (held in a local until the call returns: a scratch tensor may be this call's own)
-        scr = None
-        if self.scratch_bytes:
-            scr = getattr(thread_state, "scratch", None)
-            if scr is None or scr.numel() < threads * self.scratch_bytes:
-                scr = scratch(threads * self.scratch_bytes)
+        scr = scratch(threads * self.scratch_bytes) if self.scratch_bytes else None
         seed_lo, seed_hi = _seed_words(seed) if seed else (0, 0)
         block = FWD_ARGS.pack_call(
             x.data_ptr(), 0 if residual is None else residual.data_ptr(),
@@ -201,9 +196,7 @@ class BackwardPlan:
             db = torch.empty_like(self.grad_like) if self.acc == 2 else None
         threads = 1 if self.cap == 1 else min(self.cap, _num_threads())
         rows = threads * self.scratch_bytes
-        scr = getattr(thread_state, "scratch", None)  # (held until the kernel returns)
-        if scr is None or scr.numel() < rows + self.parts_bytes:
-            scr = scratch(rows + self.parts_bytes)
+        scr = scratch(rows + self.parts_bytes)  # (held until the kernel returns)
         seed_lo, seed_hi = _seed_words(seed) if seed else (0, 0)
         stats_ptr, scr_ptr = stats.data_ptr(), scr.data_ptr()
         block = BWD_ARGS.pack_call(
