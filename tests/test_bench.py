@@ -201,3 +201,33 @@ def test_the_first_measurement_of_a_process_is_dropped(tmp_path, monkeypatch):
                      str(tmp_path), "--providers", "fusednorm,torch"]) == 0
     assert len(taken) == 2 * 2 + 1  # (shapes x modes, and the dropped one)
     assert taken[0] == taken[1] == ["copy", "fusednorm", "torch"]
+
+
+def test_models_average_each_side_over_its_instances(monkeypatch):
+    """With several instances a side, a round's time per side is the mean over its instances,
+    each instance timed once a round: a slow unpatched copy and a fast one against two patched
+    copies between them is parity, not the first pair's 0.91x."""
+    from fusednorm.bench import models
+
+    timed = []
+
+    def step(ms):
+        def fn():
+            return None
+        fn.ms = ms
+        return fn
+
+    def fake_time(fn, k):
+        timed.append(fn.ms)
+        return fn.ms / 1e3, fn.ms / 1e3
+
+    monkeypatch.setattr(models, "_time", fake_time)
+    monkeypatch.setattr(models, "calls_per_sample", lambda fn, s: 1)
+    c = models.Case("unet train 4x32x32 float32", [step(10.0), step(14.0)],
+                    {"eager": [step(11.0), step(13.0)]})
+    (row,) = models.measure(c, rounds=4)
+    assert sorted(timed) == sorted([10.0, 14.0, 11.0, 13.0] * 4)  # each instance once a round
+    assert row["speedup"] == 1.0 and row["instances"] == 2
+    assert row["unpatched_ms"] == 12.0 and row["patched_ms"] == 12.0
+    assert row["instance_ms"] == {"unpatched": [10.0, 14.0], "eager": [11.0, 13.0]}
+    assert "2 instances a side" in models.table([row])

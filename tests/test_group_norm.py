@@ -30,7 +30,8 @@ from helpers import (
 
 import fusednorm
 from fusednorm.cpu._channels import BLOCK, cl_rows
-from fusednorm.group_norms import GroupNorm, InstanceNorm2d, group_norm
+from fusednorm.group_norms import GroupNorm, group_norm
+from fusednorm.instance_norms import InstanceNorm2d
 from fusednorm.reference import group_norm_ref
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -18,7 +18,7 @@ from helpers import (
 )
 
 import fusednorm
-from fusednorm.group_norms import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, instance_norm
+from fusednorm.instance_norms import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, instance_norm
 from fusednorm.reference import instance_norm_ref
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -239,3 +239,20 @@ def test_errors_match_torch(case):
     with pytest.raises(type(expected.value)) as got:
         ERROR_CASES[case](instance_norm)
     assert str(got.value) == str(expected.value)
+
+
+def test_a_model_pickled_when_instance_norm_lived_in_group_norms_loads():
+    # InstanceNorm moved from group_norms.py to instance_norms.py: a model pickled before names
+    # the old module (the pickle's global written as it was then)
+    import pickle
+
+    m = InstanceNorm2d(3, affine=True)
+    with torch.no_grad():
+        m.weight.normal_()
+    old = pickle.dumps(m, protocol=0).replace(b"fusednorm.instance_norms\n",
+                                              b"fusednorm.group_norms\n")
+    assert b"fusednorm.group_norms\nInstanceNorm2d" in old
+    loaded = pickle.loads(old)
+    assert type(loaded) is InstanceNorm2d and torch.equal(loaded.weight, m.weight)
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(loaded(x), m(x))

@@ -7,14 +7,8 @@ import sys
 from fusednorm import _dtensor
 from fusednorm._backend import current_backend, use_backend
 from fusednorm.batch_norms import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
-from fusednorm.group_norms import (
-    GroupNorm,
-    InstanceNorm1d,
-    InstanceNorm2d,
-    InstanceNorm3d,
-    group_norm,
-    instance_norm,
-)
+from fusednorm.group_norms import GroupNorm, group_norm
+from fusednorm.instance_norms import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, instance_norm
 from fusednorm.modules import LayerNorm, RMSNorm
 from fusednorm.patch import patch, unpatch
 from fusednorm.row_norm import layer_norm, rms_norm

@@ -99,6 +99,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    "unpatched model compiled), no-norm (the norms replaced by nn.Identity: the "
                    "ceiling of any norm's speed-up), copy (an unpatched copy: the noise floor); "
                    "default eager")
+    p.add_argument("--instances", type=int, default=1,
+                   help="for --models, copies of the model a side (unpatched, and each "
+                   "variant), each timed every round: copies of one model differ in speed by "
+                   "where their memory lands, several average that out; default 1")
     p.add_argument("--model-names", default="gpt2,llama,unet,vae",
                    help="for --models, a comma list of gpt2, llama, unet, vae (default: all)")
     p.add_argument("--quick", action="store_true",
@@ -119,6 +123,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
     if bad := [v for v in args.variants.split(",") if v not in VARIANTS]:
         p.error(f"unknown variants: {', '.join(bad)} (known: {', '.join(VARIANTS)})")
+    if args.instances < 1:
+        p.error(f"--instances must be at least 1, got {args.instances}")
     if bad := [m for m in args.model_names.split(",") if m not in MODELS]:
         p.error(f"unknown models: {', '.join(bad)} (known: {', '.join(MODELS)})")
     if args.calls and not args.dtypes:
@@ -291,6 +297,7 @@ def _suite(args, argv: list[str]) -> int:
             rows = suite.run(models=args.model_names.split(","),
                              dtypes=[cases.DTYPES[d] for d in args.dtypes],
                              rounds=args.rounds or 15, variants=args.variants.split(","),
+                             instances=args.instances,
                              progress=lambda s: print(f"  {s} ...", file=sys.stderr, flush=True))
         except suite.Unavailable as e:
             print(f"--models: {e}", file=sys.stderr)

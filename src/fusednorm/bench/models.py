@@ -3,14 +3,22 @@ models, diffusers' UNet and autoencoder), patched against unpatched.
 
 A norm library is judged where users run it: inside a model, where the norms are a small part of
 the time and a slower call or a second thread pool shows as a net loss. Each case builds a
-randomly initialised model (no download) and copies of it patched with `fusednorm.patch`, checks
-that all give the same outputs, then times them in interleaved rounds in one process (each
-round: one sample of each, in an order that alternates; a sample is as many back-to-back steps
-as last half a second, one training step). The figure is the median over rounds
+randomly initialised model (no download) and copies of it, unpatched and patched with
+`fusednorm.patch`, checks that all give the same outputs, then times them in interleaved rounds
+in one process (each round: one sample of each, in an order that alternates; a sample is as many
+back-to-back steps as last half a second, one training step). The figure is the median over rounds
 of the per-round speed-up, unpatched time / patched time (above 1: fusednorm faster), with its
 quartiles and the 95% confidence interval of that median (`timing.median_interval`: a speed-up is
 shown above 1.0 only where the whole interval is); the same from the process's CPU time,
 steadier than the wall clock when other processes share the cores.
+
+Copies of one model are not equally fast: where their tensors land in memory moves a training
+step by up to 2-4% here (unpatched copies of the UNet and the autoencoder, timed in alternation),
+as much as the norms themselves can, and the model as built differs from the copies made after
+it (the autoencoder's original 3-4% slower than its copies, the UNet's 1-2% faster). So every
+timed model is a copy, the sides' copies made in turn, and with `instances` K > 1 each side is K
+copies, every one timed once a round, a side's time in a round the mean over its copies: the
+placement averages out instead of deciding.
 
 Workloads: a training step (forward with the loss, and backward) on 8×256 tokens, and inference
 (no grad) on 1×1 and 1×64 tokens (no KV cache); for the diffusion models a training step (mean
@@ -125,12 +133,12 @@ def native_bf16_matmul() -> bool:
 
 @dataclass
 class Case:
-    """One model, workload and dtype: the unpatched step and each variant's, all compiled or
-    none."""
+    """One model, workload and dtype: the unpatched steps and each variant's, one per instance
+    (see the module docstring), all compiled or none."""
 
     name: str
-    unpatched: Callable[[], object]
-    patched: dict[str, Callable[[], object]] = field(default_factory=dict)
+    unpatched: list[Callable[[], object]]
+    patched: dict[str, list[Callable[[], object]]] = field(default_factory=dict)
 
 
 def _inputs(model_name: str, base: torch.nn.Module, workload: str,
@@ -169,9 +177,9 @@ def _step(model: torch.nn.Module, inputs: tuple, train: bool) -> Callable[[], ob
 
 
 def case(model_name: str, workload: str, dtype: torch.dtype, variants=("eager",),
-         seed: int = 0) -> Case:
-    """The callables of one case (variants all compiled or all eager), after checking that the
-    patched models' outputs agree with the unpatched model's."""
+         seed: int = 0, instances: int = 1) -> Case:
+    """The callables of one case (variants all compiled or all eager), `instances` models per
+    side, after checking that the patched models' outputs agree with the unpatched model's."""
     compiled = {VARIANTS[v][0] for v in variants}
     if len(compiled) != 1:
         raise ValueError(f"variants {variants} mix compiled and eager")
@@ -194,35 +202,46 @@ def case(model_name: str, workload: str, dtype: torch.dtype, variants=("eager",)
     if compiled:
         torch._dynamo.reset()  # each case compiles afresh (recompile limits are per code)
     wrap = torch.compile if compiled else (lambda m: m)
-    c = Case(f"{model_name} {workload} {str(dtype).removeprefix('torch.')}",
-             _step(wrap(base), inputs, train))
-    for variant in variants:
-        ours = copy.deepcopy(base)
-        if variant == "copy":
-            c.patched[variant] = _step(ours, inputs, train)
-            continue
-        fusion = {FUSABLE[model_name]: True} if VARIANTS[variant][1] else {}
-        report = fusednorm.patch(ours, **fusion)
-        if not report.replaced:
-            raise RuntimeError(f"fusednorm.patch replaced nothing in {model_name}: {report}")
-        if VARIANTS[variant][1] is None:
-            for path in report.replaced:
-                parent, _, name = path.rpartition(".")
-                setattr(ours.get_submodule(parent), name, torch.nn.Identity())
-            c.patched[variant] = _step(ours, inputs, train)
-            continue
-        ours = wrap(ours)
-        with torch.no_grad():
-            got = _output(ours, check).float()
-        # same weights, different kernels: the outputs differ by the norms' rounding only (in
-        # half precision no further from the float32 model than twice the unpatched model's)
-        err = _distance(got, exact)
-        tol = 2 * _distance(expected, exact) + 1e-2 if half else 1e-3
-        if not err <= tol:
-            raise RuntimeError(f"{c.name} {variant}: patched outputs differ by {err:.3g} "
-                               f"(allowed {tol:.3g})")
-        c.patched[variant] = _step(ours, inputs, train)
+    c = Case(f"{model_name} {workload} {str(dtype).removeprefix('torch.')}", [],
+             {variant: [] for variant in variants})
+    # every timed model a copy, the sides' copies made in turn: where a model's tensors land
+    # differs between the model built and copies made after (see the module docstring)
+    for _ in range(instances):
+        c.unpatched.append(_step(wrap(copy.deepcopy(base)), inputs, train))
+        for variant in variants:
+            c.patched[variant].append(_variant_step(base, variant, model_name, inputs, train,
+                                                    wrap, check, expected, exact, half, c.name))
     return c
+
+
+def _variant_step(base: torch.nn.Module, variant: str, model_name: str, inputs: tuple,
+                  train: bool, wrap: Callable, check: tuple, expected: torch.Tensor,
+                  exact: torch.Tensor, half: bool, case_name: str) -> Callable[[], object]:
+    """The step of one instance of a variant: a copy of the model, patched as the variant says
+    and its outputs checked against the unpatched model's."""
+    ours = copy.deepcopy(base)
+    if variant == "copy":
+        return _step(ours, inputs, train)
+    fusion = {FUSABLE[model_name]: True} if VARIANTS[variant][1] else {}
+    report = fusednorm.patch(ours, **fusion)
+    if not report.replaced:
+        raise RuntimeError(f"fusednorm.patch replaced nothing in {model_name}: {report}")
+    if VARIANTS[variant][1] is None:
+        for path in report.replaced:
+            parent, _, name = path.rpartition(".")
+            setattr(ours.get_submodule(parent), name, torch.nn.Identity())
+        return _step(ours, inputs, train)
+    ours = wrap(ours)
+    with torch.no_grad():
+        got = _output(ours, check).float()
+    # same weights, different kernels: the outputs differ by the norms' rounding only (in half
+    # precision no further from the float32 model than twice the unpatched model's)
+    err = _distance(got, exact)
+    tol = 2 * _distance(expected, exact) + 1e-2 if half else 1e-3
+    if not err <= tol:
+        raise RuntimeError(f"{case_name} {variant}: patched outputs differ by {err:.3g} "
+                           f"(allowed {tol:.3g})")
+    return _step(ours, inputs, train)
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -232,20 +251,33 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def measure(c: Case, rounds: int, min_sample_s: float = 0.5) -> list[dict]:
     """Per variant: median per-call times and the median per-round speed-up unpatched/patched
-    (wall clock and CPU time), with quartiles."""
-    fns = {"unpatched": c.unpatched, **c.patched}
+    (wall clock and CPU time), with quartiles. Each round times every instance of every side
+    once, instance by instance (the order alternating); a side's time in a round is the mean
+    over its instances."""
+    sides = {"unpatched": c.unpatched, **c.patched}
+    order = [(name, i) for i in range(len(c.unpatched)) for name in sides]
     for _ in range(2):  # warm-up (compilation, plans, allocator)
-        for fn in fns.values():
-            fn()
-    k = calls_per_sample(c.unpatched, min_sample_s)
-    times = {name: [] for name in fns}
-    order = list(fns)
+        for name, i in order:
+            sides[name][i]()
+    k = calls_per_sample(c.unpatched[0], min_sample_s)
+    times = {name: [] for name in sides}
+    per_instance = {name: [[] for _ in fns] for name, fns in sides.items()}
     for r in range(rounds):
-        for name in (order if r % 2 == 0 else order[::-1]):
-            times[name].append(_time(fns[name], k))
+        sample = {name: [] for name in sides}
+        for name, i in (order if r % 2 == 0 else order[::-1]):
+            t = _time(sides[name][i], k)
+            sample[name].append(t)
+            per_instance[name][i].append(t[0])
+        for name, ts in sample.items():
+            times[name].append((statistics.fmean(t[0] for t in ts),
+                                statistics.fmean(t[1] for t in ts)))
     rows = []
     for variant in c.patched:
-        row = {"case": c.name, "variant": variant, "rounds": rounds, "calls_per_sample": k}
+        row = {"case": c.name, "variant": variant, "rounds": rounds, "calls_per_sample": k,
+               "instances": len(c.unpatched),
+               # (each instance's median: how far copies of one model differ, side by side)
+               "instance_ms": {side: [statistics.median(t) * 1e3 for t in per_instance[side]]
+                               for side in ("unpatched", variant)}}
         for clock, suffix in ((0, ""), (1, "_cpu")):
             base = [t[clock] for t in times["unpatched"]]
             ours = [t[clock] for t in times[variant]]
@@ -273,7 +305,7 @@ def _time(fn: Callable[[], object], k: int) -> tuple[float, float]:
 
 def run(models=tuple(MODELS), workloads=None, dtypes=(torch.float32, torch.bfloat16),
         rounds: int = 15, progress: Callable[[str], None] = lambda s: None,
-        variants=("eager",)) -> list[dict]:
+        variants=("eager",), instances: int = 1) -> list[dict]:
     """Rows of `measure` for every model, workload (each model's own, or those named among
     them) and dtype; bfloat16 training steps only on CPUs with bfloat16 matrix multiplies."""
     rows = []
@@ -290,7 +322,7 @@ def run(models=tuple(MODELS), workloads=None, dtypes=(torch.float32, torch.bfloa
                               and (model_name in FUSABLE or not VARIANTS[v][1])]
                     if not chosen:
                         continue
-                    c = case(model_name, workload, dtype, chosen)
+                    c = case(model_name, workload, dtype, chosen, instances=instances)
                     progress(f"{c.name} {', '.join(chosen)}")
                     rows += measure(c, rounds)
     return rows
@@ -309,6 +341,12 @@ def table(rows: list[dict]) -> str:
             f"{r['speedup_cpu']:>7.3f}x  "
             f"{r['speedup_cpu_q1']:.3f}-{r['speedup_cpu_q3']:.3f}"
             + _NOTES.get(r["variant"], ""))
+    for r in rows:  # the placement spread, where several instances averaged it out
+        if r.get("instances", 1) > 1:
+            ms = ", ".join(f"{side} " + " ".join(f"{t:.1f}" for t in each)
+                           for side, each in r["instance_ms"].items())
+            lines.append(f"  {r['case']} {r['variant']}: {r['instances']} instances a side, "
+                         f"each one's median (ms): {ms}")
     return "\n".join(lines)
 
 
