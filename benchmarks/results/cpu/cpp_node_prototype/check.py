@@ -2,7 +2,9 @@ import os, sys, time, statistics, copy; sys.path.insert(0, os.path.dirname(os.pa
 import torch, fusednorm, prototype as gn_ext
 torch.manual_seed(0)
 shape = tuple(int(v) for v in sys.argv[1].split("x")); C = shape[1]
-x = torch.randn(shape, requires_grad=True); dy = torch.randn(shape)
+cl = len(sys.argv) > 2 and sys.argv[2] == "cl"  # channels last
+fmt = torch.channels_last if cl else torch.contiguous_format
+x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_(); dy = torch.randn(shape).contiguous(memory_format=fmt)
 tm = torch.nn.GroupNorm(32, C)
 with torch.no_grad(): tm.weight.normal_(); tm.bias.normal_()
 om = fusednorm.GroupNorm(32, C); om.load_state_dict(tm.state_dict())
