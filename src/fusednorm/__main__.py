@@ -24,7 +24,8 @@ def _warmup(argv: list[str]) -> int:
         description="Compile the CPU kernels of common calls (LayerNorm, RMSNorm, with and "
         "without residual, forward and backward; GroupNorm and BatchNorm in both layouts) "
         "into the kernel cache, so that no first call waits for a compiler. About a second "
-        "per kernel the first time; instant once cached.")
+        "per kernel the first time; instant once cached. Then GroupNorm's C++ autograd node, "
+        "where a C++ compiler is (~40 s once; FUSEDNORM_NATIVE=0: not).")
     p.add_argument("--dtypes", default="float32,bfloat16,float16",
                    help="comma list of input dtypes (default: %(default)s)")
     args = p.parse_args(argv)
@@ -37,6 +38,7 @@ def _warmup(argv: list[str]) -> int:
     from fusednorm.cpu._launch import cache_dir
 
     print(f"{count} kernels ready in {cache_dir()}")
+    print(_setup.build_native(), flush=True)
     return 0
 
 

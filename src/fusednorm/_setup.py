@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -58,6 +60,23 @@ def warmup(dtypes=WARMUP_DTYPES, progress: Callable[[str], None] = lambda s: Non
     return sum(len(k._compiled) for k in kernels)
 
 
+def build_native() -> str:
+    """Build GroupNorm's C++ autograd node (cpu/_native.py) where a C++ compiler is at hand;
+    what happened, as text (a failed build leaves the Python nodes, which work everywhere)."""
+    from fusednorm.cpu import _native
+
+    if os.environ.get("FUSEDNORM_NATIVE", "1") == "0":
+        return "C++ autograd node: off (FUSEDNORM_NATIVE=0)"
+    t0 = time.perf_counter()
+    try:
+        path = _native.build()
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as e:
+        # (no compiler, no ninja, a torch without headers: cpp_extension's errors)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"C++ autograd node: not built ({first[:200]}); GroupNorm keeps its Python node"
+    return f"C++ autograd node: {path} ({time.perf_counter() - t0:.1f} s)"
+
+
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -67,7 +86,7 @@ def _version(package: str) -> str:
 
 def info() -> str:
     """Versions, backends, threads and the kernel cache, as text."""
-    from fusednorm.cpu import _launch, _prebuilt
+    from fusednorm.cpu import _launch, _native, _prebuilt
 
     cache = _launch.cache_dir()
     shipped = _prebuilt.shelf(_launch._runtime().source_hash)
@@ -94,5 +113,8 @@ def info() -> str:
         f"  {cache}",
         (f"  {len(cached)} kernels, {sum(p.stat().st_size for p in cached) / 1e6:.1f} MB "
          "(FUSEDNORM_CACHE_DIR moves it; `python -m fusednorm warmup` fills it)"),
+        ("  GroupNorm's C++ autograd node: "
+         + ("loaded" if _native.module() is not None else
+            "not built (`python -m fusednorm warmup` builds it where a C++ compiler is)")),
     ]
     return "\n".join(lines)

@@ -9,6 +9,9 @@ viewed as (N, C, S), channels first or channels innermost (channels_last, kept b
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -134,13 +137,18 @@ class _GroupNorm(torch.autograd.Function):
 
 def _double_backward_ready(ctx, x, weight, bias, dy):
     """First-order gradients from torch's own group_norm (and silu), differentiable again."""
-    groups, eps, silu = ctx.config[:3]
+    return differentiable_group_norm_grads(x, weight, bias, dy, *ctx.config[:3]) + (None,) * 4
+
+
+def differentiable_group_norm_grads(x, weight, bias, dy, groups, eps, silu) -> tuple:
+    """(dx, dweight, dbias) from torch's own group_norm (and silu), differentiable again (also
+    the C++ node's, cpu/_native.py)."""
 
     def norm(x, w, b):
         y = F.group_norm(x, groups, w, b, eps)
         return F.silu(y) if silu else y
 
-    return differentiable_grads(norm, x, weight, bias, dy) + (None,) * 4
+    return differentiable_grads(norm, x, weight, bias, dy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +190,9 @@ class _GroupPlan:
     """What is decided once for one signature of group_norm's arguments: the checks passed,
     the layout the kernels read x in, the parameters' stand-ins, the backend's plan. `fast`
     when x is read in place by our CPU kernels; the general path serves everything else."""
+
+    # the module path's C++ autograd node (`_native_node`): None until the first backward
+    native = None
 
     def __init__(self, x, num_groups, weight, bias, eps, silu):
         self.fast = False
@@ -263,6 +274,8 @@ class _GroupNormFast(torch.autograd.Function):
             dy = torch.empty_like(x).copy_(dy)  # into x's layout and dtype
         if plan.direct:
             dx, dw, db = plan.kernels.backward(dy, x, weight, bias, stats)
+            if plan.native is None:  # (its backward kernel is loaded now)
+                plan.native = _native_node(plan)
             if plan.all_grads:  # (the common case, decided with the plan: fewer steps)
                 return dx, dw, db, None
         else:
@@ -273,6 +286,16 @@ class _GroupNormFast(torch.autograd.Function):
         return (dx if need[0] else None,
                 _grad_like(dw, weight) if need[1] else None,
                 _grad_like(db, bias) if need[2] else None, None)
+
+
+def _native_node(plan) -> Callable | bool:
+    """The kept plan's call on the C++ autograd node (cpu/_native.py), False where there is
+    none: `f(x, weight, bias) -> y`, the same bits as `_GroupNormFast`'s."""
+    from fusednorm.cpu import _native
+
+    ext = _native.module()
+    descriptor = None if ext is None else plan.kernels.native_descriptor()
+    return False if descriptor is None else functools.partial(ext.group_norm, descriptor)
 
 
 _group_norm_fast = fast_apply(_GroupNormFast)
@@ -427,6 +450,8 @@ class GroupNorm(torch.nn.GroupNorm):
                 if plan.copy_to is not None:
                     input = input.contiguous(memory_format=plan.copy_to)
                 if plan.needs_grad:
+                    if plan.native:  # (from the plan's second backward on, where built)
+                        return plan.native(input, weight, bias)
                     return _group_norm_fast_c(input, weight, bias, plan)
                 if plan.direct:
                     return plan.kernels.forward(input, weight, bias, True)[0]

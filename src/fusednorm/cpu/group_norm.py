@@ -14,6 +14,7 @@ top of `_channels.py`):
 
 from __future__ import annotations
 
+import struct
 import threading
 
 import torch
@@ -54,6 +55,7 @@ class GroupNormPlan:
                  p_dtype: torch.dtype | None = None) -> None:
         ct = compute_dtype(x_dtype)
         self.shape, self.groups, self.cl, self.ct = (n_, c_, s_), groups, channels_last, ct
+        self.eps, self.silu = eps, silu
         self.pt = p_dtype = p_dtype or ct  # the parameters' (and their gradients') dtype
         self.size = itemsize(ct)
         # templates of the new statistics and parameter gradients: `empty_like` costs half of
@@ -125,6 +127,37 @@ class GroupNormPlan:
         else:
             self._bwd.on_threads(block, n, 0)
         return dx, dw, db
+
+
+    def native_descriptor(self) -> bytes | None:
+        """The plan as `csrc/group_norm_node.cpp` reads it (its `Desc`, then the forward's and
+        the backward's fixed block parts); None until the backward kernel is loaded (the first
+        backward loads it: a forward never waits for it)."""
+        n_, c_, _ = self.shape
+        stats = 1 if self.ct == torch.float64 else 0
+        if not self.cl:
+            if self._bwd is None:
+                return None
+            threads = 1 if self.cap == 1 else min(self.cap, _num_threads())
+            return _DESC.pack(self._fwd.address, self._bwd.address, threads, self.cap, n_, c_,
+                              self.groups, self.var_at, stats, 0, 0, self.scratch.shared,
+                              self.scratch.local, 0, self.silu, len(self.tail), len(self.tail),
+                              self.eps) + self.tail + self.tail
+        cl = self._cl
+        if cl._bwd is None:
+            return None
+        # (the fixed parts of one thread count serve any other: it only splits the work)
+        threads = 1 if cl.cap == 1 else min(cl.cap, _num_threads())
+        need_f, tail_f = cl._tail(False, threads, True)
+        need_b, tail_b = cl._tail(True, threads, True)
+        return _DESC.pack(cl._fwd.address, cl._bwd.address, threads, cl.cap, n_, c_, self.groups,
+                          self.var_at, stats, need_f.shared, need_f.local, need_b.shared,
+                          need_b.local, 1, self.silu, len(tail_f), len(tail_b),
+                          self.eps) + tail_f + tail_b
+
+
+# `Desc` of csrc/group_norm_node.cpp: 17 int64 fields, then eps
+_DESC = struct.Struct("<17qd")
 
 
 # --- the contract ---------------------------------------------------------------------------------
