@@ -351,11 +351,13 @@ def test_gradcheck_and_gradgradcheck():
 def test_backward_runs_our_kernel():
     # read in place, and copied into torch's layout first: both on the plan's kernels (the
     # copy's own backward hands the gradient on to the odd layout)
+    # (the Python node, or from a plan's second backward on the C++ one: cpu/_native.py)
+    ours = ("_GroupNormFastBackward", "CppFunction")
     x = randn(2, 4, 3, requires_grad=True)
-    assert type(group_norm(x, 2).grad_fn).__name__ == "_GroupNormFastBackward"
+    assert type(group_norm(x, 2).grad_fn).__name__ in ours
     odd = randn(4, 2, 3, requires_grad=True).transpose(0, 1)  # batch dim not outermost
     y = group_norm(odd, 2)
-    assert type(y.grad_fn).__name__ == "_GroupNormFastBackward"
+    assert type(y.grad_fn).__name__ in ours
     dy = randn(2, 4, 3)
     want = torch.autograd.grad(F.group_norm(odd, 2), odd, dy)[0]
     torch.testing.assert_close(torch.autograd.grad(y, odd, dy)[0], want)

@@ -172,3 +172,16 @@ def test_fusednorm_native_0_turns_it_off(monkeypatch):
     monkeypatch.setenv("FUSEDNORM_NATIVE", "0")
     monkeypatch.setattr(_native, "_module", _native._UNLOADED)
     assert _native.module() is None
+
+
+@built
+def test_the_function_runs_on_it_too_and_under_vmap_on_torchs_rules():
+    x = _input((2, 16, 5, 5), "first")
+    w, b = randn(16, mean=1.0).requires_grad_(), randn(16).requires_grad_()
+    for _ in range(2):
+        fusednorm.group_norm(x, 4, w, b).sum().backward()
+    y = fusednorm.group_norm(x, 4, w, b)
+    assert type(y.grad_fn).__name__ == "CppFunction"
+    want = torch.func.vmap(lambda t: torch.nn.functional.group_norm(t, 4, w, b))(x.unsqueeze(1))
+    got = torch.func.vmap(lambda t: fusednorm.group_norm(t, 4, w, b))(x.unsqueeze(1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -191,7 +191,7 @@ class _GroupPlan:
     the layout the kernels read x in, the parameters' stand-ins, the backend's plan. `fast`
     when x is read in place by our CPU kernels; the general path serves everything else."""
 
-    # the module path's C++ autograd node (`_native_node`): None until the first backward
+    # the C++ autograd node's call (`_native_node`): None until the plan's first backward
     native = None
 
     def __init__(self, x, num_groups, weight, bias, eps, silu):
@@ -239,6 +239,9 @@ class _GroupPlan:
         if self.copy_to is not None:
             input = input.contiguous(memory_format=self.copy_to)
         if self.needs_grad:
+            if self.native and not _transforms_active():  # (the C++ node, as `_native_node`)
+                return self.native(unwrap_if_dead(input), unwrap_if_dead(weight),
+                                   unwrap_if_dead(bias))
             return _group_norm_fast(input, weight, bias, self)
         if self.direct:
             return self.kernels.forward(input, weight, bias, True)[0]
