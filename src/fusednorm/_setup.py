@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -65,7 +64,7 @@ def build_native() -> str:
     what happened, as text (a failed build leaves the Python nodes, which work everywhere)."""
     from fusednorm.cpu import _native
 
-    if os.environ.get("FUSEDNORM_NATIVE", "1") == "0":
+    if not _native.enabled():
         return "C++ autograd node: off (FUSEDNORM_NATIVE=0)"
     t0 = time.perf_counter()
     try:

@@ -61,13 +61,18 @@ def build(verbose: bool = False) -> Path:
     return found
 
 
+def enabled() -> bool:
+    """Whether the node may be built and loaded at all (FUSEDNORM_NATIVE=0: not)."""
+    return os.environ.get("FUSEDNORM_NATIVE", "1") != "0"
+
+
 def module():
     """The loaded extension, or None where there is none (not built, disabled, or a failing
     load); looked for once per process."""
     global _module
     if _module is _UNLOADED:
         _module = None
-        if os.environ.get("FUSEDNORM_NATIVE", "1") != "0":
+        if enabled():
             try:
                 _module = _load()
             except (OSError, ImportError, RuntimeError):

@@ -134,25 +134,21 @@ class GroupNormPlan:
         the backward's fixed block parts); None until the backward kernel is loaded (the first
         backward loads it: a forward never waits for it)."""
         n_, c_, _ = self.shape
-        stats = 1 if self.ct == torch.float64 else 0
-        if not self.cl:
-            if self._bwd is None:
-                return None
-            threads = 1 if self.cap == 1 else min(self.cap, _num_threads())
-            return _DESC.pack(self._fwd.address, self._bwd.address, threads, self.cap, n_, c_,
-                              self.groups, self.var_at, stats, 0, 0, self.scratch.shared,
-                              self.scratch.local, 0, self.silu, len(self.tail), len(self.tail),
-                              self.eps) + self.tail + self.tail
-        cl = self._cl
-        if cl._bwd is None:
+        k = self._cl if self.cl else self  # (the launcher: channels last's plan, or this one)
+        if k._bwd is None:
             return None
         # (the fixed parts of one thread count serve any other: it only splits the work)
-        threads = 1 if cl.cap == 1 else min(cl.cap, _num_threads())
-        need_f, tail_f = cl._tail(False, threads, True)
-        need_b, tail_b = cl._tail(True, threads, True)
-        return _DESC.pack(cl._fwd.address, cl._bwd.address, threads, cl.cap, n_, c_, self.groups,
-                          self.var_at, stats, need_f.shared, need_f.local, need_b.shared,
-                          need_b.local, 1, self.silu, len(tail_f), len(tail_b),
+        threads = 1 if k.cap == 1 else min(k.cap, _num_threads())
+        if self.cl:
+            need_f, tail_f = k._tail(False, threads, True)
+            need_b, tail_b = k._tail(True, threads, True)
+            scratch = (need_f.shared, need_f.local, need_b.shared, need_b.local)
+        else:  # (the forward takes no scratch; one fixed part serves both)
+            tail_f = tail_b = self.tail
+            scratch = (0, 0, self.scratch.shared, self.scratch.local)
+        return _DESC.pack(k._fwd.address, k._bwd.address, threads, k.cap, n_, c_, self.groups,
+                          self.var_at, 1 if self.ct == torch.float64 else 0, *scratch,
+                          int(self.cl), self.silu, len(tail_f), len(tail_b),
                           self.eps) + tail_f + tail_b
 
 
